@@ -56,6 +56,12 @@ _REFERENCE_CHUNK_ELEMENTS = 1 << 24
 # Triton kernels. Plain functions here, wrapped by triton.jit on first use (see _triton_kernels): the wrapper
 # decides between the compiler and the CPU interpreter from TRITON_INTERPRET at decoration time, so decorating
 # at import would freeze whatever the environment said when this module happened to be imported first.
+#
+# For the same reason the kernels reduce with tl.reduce and Triton's own combine functions instead of
+# tl.max / tl.sum: those two are @triton.jit functions made when triton is imported, and if that import
+# happened before TRITON_INTERPRET=1 was set (megatron-core imports triton), the interpreter refuses to
+# call them. tl.reduce is patched by the interpreter at launch and runs these two combine functions as numpy
+# reductions; compiled, it is exactly what tl.max / tl.sum do for fp32.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -82,7 +88,7 @@ def _fwd_kernel(
     a = 0.0  # sum exp((x - m) / tau) * (x - m) / tau
     for start in range(0, n_cols, BLOCK_V):
         x = tl.load(row_ptr + start + cols, mask=start + cols < n_cols, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        m_new = tl.maximum(m, tl.reduce(x, 0, tl.standard._elementwise_max))
         # An all -inf prefix leaves m = -inf; shifting by 0 instead keeps (x - m) from becoming nan.
         m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
         shift = tl.where(m == -float("inf"), 0.0, (m - m_ref) * inv_tau)  # <= 0
@@ -91,8 +97,8 @@ def _fwd_kernel(
         e = tl.exp(d)
         ed = e * tl.where(e > 0.0, d, 0.0)  # exp(-inf) * -inf would be nan
         # Rescaling a to the new max: sum e' d' = scale * (a + shift * s).
-        a = scale * (a + shift * s) + tl.sum(ed, axis=0)
-        s = scale * s + tl.sum(e, axis=0)
+        a = scale * (a + shift * s) + tl.reduce(ed, 0, tl.standard._sum_combine)
+        s = scale * s + tl.reduce(e, 0, tl.standard._sum_combine)
         m = m_new
 
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -297,6 +303,12 @@ def _merge_partials(partials: torch.Tensor, inv_tau: float) -> tuple[torch.Tenso
     return m, log_s, log_s - a / s, x_target_r.sum(0)  # only the owning rank's x_target is non-zero
 
 
+def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns); older ones lack it.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
+
+
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, temperature, tp_group, ignore_index, backend, inplace_backward, tuning):
@@ -313,9 +325,9 @@ class _LogprobEntropy(torch.autograd.Function):
             else:
                 partials = _forward_reference(logits, targets, vocab_start, inv_tau, ignore_index)
             if tp_size > 1:  # the one collective: every rank gets every rank's packed partials
-                gathered = partials.new_empty(tp_size, *partials.shape)
-                dist.all_gather_into_tensor(gathered, partials.contiguous(), group=tp_group)
-                partials = gathered
+                gathered = partials.new_empty(tp_size * partials.shape[0], 4)  # concatenated: gloo needs that
+                _all_gather_single(gathered, partials, group=tp_group)
+                partials = gathered.view(tp_size, -1, 4)
             else:
                 partials = partials[None]
             m, log_s, entropy, x_target = _merge_partials(partials, inv_tau)
