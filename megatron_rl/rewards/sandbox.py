@@ -1,0 +1,442 @@
+"""Run an untrusted Python program under bubblewrap, rlimits, a dedicated uid and a wall-clock kill.
+
+Layers, outermost first:
+- a uid of its own per pool worker (leased with a lock file, so two pools never share one): rlimits such as
+  RLIMIT_NPROC count per uid, root is exempt from them, and a leftover process can be found and killed by uid;
+- rlimits set between fork and exec: address space, CPU seconds, processes, file size, open files, no core;
+- bubblewrap namespaces: no network, a new pid namespace with the test driver as pid 1 (everything dies with
+  it), only /usr visible (read-only), a private size-limited tmpfs for /tmp and for the work dir /sandbox, the
+  harness files read-only under /harness, empty environment, no capabilities, no nested user namespaces;
+- a wall-clock deadline after which the sandbox's pid 1 and bwrap are SIGKILLed.
+
+Without bwrap, `Sandbox` refuses to start unless `allow_unsandboxed=True`, and then logs a loud warning.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import marshal
+import os
+import resource
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DRIVER_SOURCE = Path(__file__).with_name("sandbox_driver.py")
+SANDBOX_PYTHON = "/usr/bin/python3"
+UID_BASE = 61000
+UID_COUNT = 2000
+UID_LOCK_DIR = "/tmp/megatron-rl-sandbox-uids"
+INSTALL_HINT = (
+    "bubblewrap (bwrap) is not installed, so untrusted code cannot be sandboxed. Install it with "
+    "`apt-get install bubblewrap` (or `make system-deps` as root), or pass allow_unsandboxed=True / "
+    "--unsafe-no-sandbox to run programs WITHOUT isolation."
+)
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is missing or cannot create namespaces here, and unsandboxed runs were not allowed."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    memory_mb: int = 1024  # RLIMIT_AS of every process in the sandbox
+    processes: int = 64  # RLIMIT_NPROC for the sandbox uid (bwrap and the driver count too)
+    file_size_mb: int = 16  # RLIMIT_FSIZE: also caps a test's captured stdout
+    open_files: int = 128  # RLIMIT_NOFILE
+    tmpfs_mb: int = 64  # size of each of the private /tmp and /sandbox
+    channel_mb: int = 128  # results bigger than this are not buffered: the run fails
+
+
+@dataclass
+class RunResult:
+    records: list[dict] = field(default_factory=list)
+    timed_out: bool = False
+    stopped_early: bool = False
+    exit_status: int | None = None
+    stderr: str = ""
+    seconds: float = 0.0
+    error: str | None = None  # the harness's own trouble (bad channel data, oversize output)
+
+
+def find_bwrap() -> str | None:
+    return shutil.which("bwrap")
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# uid leases and leftovers
+
+
+class UidLease:
+    """Exclusive use of one sandbox uid while this object lives (an flock on a per-uid lock file)."""
+
+    def __init__(self, uid: int, fd: int) -> None:
+        self.uid, self._fd = uid, fd
+
+    @classmethod
+    def acquire(cls, base: int = UID_BASE, count: int = UID_COUNT, lock_dir: str = UID_LOCK_DIR) -> UidLease:
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        for uid in range(base, base + count):
+            fd = os.open(os.path.join(lock_dir, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            return cls(uid, fd)
+        raise SandboxUnavailable(f"no free sandbox uid in [{base}, {base + count})")
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    """Pids whose real uid is uid (read from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        if int(line.split()[1]) == uid:
+                            pids.append(int(entry))
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def kill_uid_processes(uid: int) -> int:
+    """SIGKILL every process of a leased sandbox uid, one pid at a time. Only for uids this process leased."""
+    if uid == os.getuid() or uid == 0:
+        raise ValueError("refusing to kill the processes of our own uid or of root")
+    n = 0
+    for _ in range(5):  # a fork bomb may be forking while we scan
+        pids = processes_of_uid(uid)
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+            except OSError:
+                pass
+        time.sleep(0.01)
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _child_rlimits(limits: SandboxLimits, cpu_seconds: int) -> Callable[[], None]:
+    mb = 1 << 20
+    table = [
+        (resource.RLIMIT_AS, limits.memory_mb * mb),
+        (resource.RLIMIT_CPU, cpu_seconds),
+        (resource.RLIMIT_NPROC, limits.processes),
+        (resource.RLIMIT_FSIZE, limits.file_size_mb * mb),
+        (resource.RLIMIT_NOFILE, limits.open_files),
+        (resource.RLIMIT_CORE, 0),
+    ]
+
+    def apply() -> None:  # runs in the forked child, after the switch to the sandbox uid, before exec
+        for which, value in table:
+            resource.setrlimit(which, (value, value))
+
+    return apply
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+class Sandbox:
+    """Runs programs one at a time: a uid, a harness dir, and bwrap (or, only if allowed, nothing)."""
+
+    def __init__(
+        self,
+        root_dir: str,
+        uid: int | None = None,
+        limits: SandboxLimits | None = None,
+        allow_unsandboxed: bool = False,
+        bwrap: str | None = "auto",
+        python: str = SANDBOX_PYTHON,
+    ) -> None:
+        self.limits = limits or SandboxLimits()
+        self.bwrap = find_bwrap() if bwrap == "auto" else bwrap
+        if self.bwrap is not None and not os.access(self.bwrap, os.X_OK):
+            self.bwrap = None
+        if self.bwrap is None:
+            if not allow_unsandboxed:
+                raise SandboxUnavailable(INSTALL_HINT)
+            logger.warning(
+                "WARNING: RUNNING UNTRUSTED CODE WITHOUT A SANDBOX (bubblewrap missing, unsafe mode "
+                "requested): programs can read and write this machine's files and use its network."
+            )
+        if not os.path.exists(python):
+            raise SandboxUnavailable(f"{python} is missing: the sandbox runs programs with the system python")
+        self.python = python
+        # Root runs programs as a uid of their own; anyone else can only use their own uid.
+        self.uid = uid if is_root() else None
+        self.dir = os.path.join(root_dir, f"w{uid if uid is not None else os.getpid()}")
+        self.harness = os.path.join(self.dir, "harness")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        os.makedirs(self.harness, mode=0o711)
+        os.chmod(self.dir, 0o711)
+        os.chmod(self.harness, 0o711)  # traversable (bwrap binds it as the sandbox uid), not listable
+        shutil.copyfile(DRIVER_SOURCE, os.path.join(self.harness, "driver.py"))
+        os.chmod(os.path.join(self.harness, "driver.py"), 0o644)
+        self.runs = 0
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.bwrap is not None
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- building the command ----------------------------------------------------------------------
+
+    def _bwrap_argv(self, style: str) -> list[str]:
+        tmpfs = str(self.limits.tmpfs_mb << 20)
+        return [
+            self.bwrap,
+            "--unshare-all",  # user, ipc, pid, net, uts, cgroup: no network at all, not even loopback
+            "--unshare-user",
+            "--disable-userns",
+            "--die-with-parent",
+            "--new-session",
+            "--as-pid-1",  # the driver is pid 1: the namespace (and every leftover) dies with it
+            "--cap-drop", "ALL",
+            "--clearenv",
+            "--setenv", "PATH", "/usr/bin:/bin",
+            "--setenv", "HOME", "/sandbox",
+            "--setenv", "LANG", "C.UTF-8",
+            "--setenv", "MALLOC_ARENA_MAX", "2",  # glibc reserves 64 MB of address space per thread arena
+            "--ro-bind", "/usr", "/usr",
+            "--symlink", "usr/lib", "/lib",
+            "--symlink", "usr/lib64", "/lib64",
+            "--symlink", "usr/bin", "/bin",
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--size", tmpfs, "--perms", "1777", "--tmpfs", "/tmp",
+            "--size", tmpfs, "--perms", "0700", "--tmpfs", "/sandbox",
+            "--ro-bind", self.harness, "/harness",
+            "--chdir", "/sandbox",
+            "--",
+            self.python, "-I", "-B", "/harness/driver.py", style, "/harness", "/tmp",
+        ]  # fmt: skip
+
+    def _prepare(self, program: str) -> None:
+        path = os.path.join(self.harness, "program.py")
+        tmp = path + ".new"
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(program)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+
+    def _fresh_run_dir(self) -> str:
+        """Unsafe mode only: a new work dir per run, owned by the program's uid."""
+        run_dir = os.path.join(self.dir, "run")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        os.mkdir(run_dir, 0o700)
+        if self.uid is not None:
+            os.chown(run_dir, self.uid, self.uid)
+        return run_dir
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        style: str,
+        program: str,
+        spec: dict,
+        wall_timeout: float,
+        on_record: Callable[[dict], bool] | None = None,
+    ) -> RunResult:
+        """Run program with the driver in `style`; feed it spec; pass each result record to on_record.
+
+        on_record returns False to stop the run (the first failing test): the sandbox is then killed at once.
+        """
+        self.runs += 1
+        self._prepare(program)
+        spec_bytes = marshal.dumps(spec, 4)  # marshal: the driver decodes it without importing json
+        cpu_seconds = int(wall_timeout) + 1
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        run_dir = None
+        if self.sandboxed:
+            argv, cwd = self._bwrap_argv(style), "/"
+        else:
+            run_dir = self._fresh_run_dir()
+            driver = os.path.join(self.harness, "driver.py")
+            argv = [self.python, "-I", "-B", driver, style, self.harness, run_dir]
+            cwd = run_dir
+        kwargs: dict = {}
+        if self.uid is not None:
+            kwargs.update(user=self.uid, group=self.uid, extra_groups=[])
+        started = time.monotonic()
+        result = RunResult()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=cwd,
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=_child_rlimits(self.limits, cpu_seconds),
+                **kwargs,
+            )
+        except OSError as e:
+            result.error = f"could not start the sandbox: {e}"
+            return result
+        try:
+            self._communicate(proc, spec_bytes, started + wall_timeout, on_record, result)
+        finally:
+            self._finish(proc, result)
+            result.seconds = time.monotonic() - started
+            if run_dir is not None:
+                if self.uid is not None:
+                    kill_uid_processes(self.uid)  # no pid namespace in unsafe mode: sweep by uid
+                shutil.rmtree(run_dir, ignore_errors=True)
+        return result
+
+    def _communicate(
+        self,
+        proc: subprocess.Popen,
+        spec: bytes,
+        deadline: float,
+        on_record: Callable[[dict], bool] | None,
+        result: RunResult,
+    ) -> None:
+        sel = selectors.DefaultSelector()
+        out_fd, err_fd, in_fd = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
+        os.set_blocking(in_fd, False)
+        sel.register(out_fd, selectors.EVENT_READ)
+        sel.register(err_fd, selectors.EVENT_READ)
+        sel.register(in_fd, selectors.EVENT_WRITE)
+        pending = memoryview(spec)
+        buf = bytearray()
+        received = 0
+        cap = self.limits.channel_mb << 20
+        err_chunks: list[bytes] = []
+        err_len = 0
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    result.timed_out = True
+                    return
+                for key, _ in sel.select(left):
+                    fd = key.fd
+                    if fd == in_fd:
+                        try:
+                            n = os.write(in_fd, pending[: 1 << 16])
+                            pending = pending[n:]
+                        except BlockingIOError:
+                            continue
+                        except OSError:  # the driver died before reading its spec
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(in_fd)
+                            proc.stdin.close()
+                        continue
+                    data = os.read(fd, 1 << 20)
+                    if fd == err_fd:
+                        if not data:
+                            sel.unregister(err_fd)
+                        elif err_len < 65536:
+                            err_chunks.append(data)
+                            err_len += len(data)
+                        continue
+                    if not data:
+                        return  # the driver closed its channel: it exited (or was killed)
+                    received += len(data)
+                    if received > cap:
+                        result.error = "the program's results exceeded the output cap"
+                        return
+                    buf += data
+                    while (nl := buf.find(b"\n")) >= 0:
+                        line = bytes(buf[:nl])
+                        del buf[: nl + 1]
+                        try:
+                            record = json.loads(line)
+                            if not isinstance(record, dict):
+                                raise ValueError("not an object")
+                        except ValueError:
+                            result.error = "unreadable result from the driver"
+                            return
+                        result.records.append(record)
+                        if on_record is not None and not on_record(record):
+                            result.stopped_early = True
+                            return
+        finally:
+            sel.close()
+            result.stderr = b"".join(err_chunks)[:65536].decode("utf-8", errors="replace")
+
+    def _finish(self, proc: subprocess.Popen, result: RunResult) -> None:
+        """Make sure nothing of the run survives, then reap bwrap."""
+        if proc.poll() is None and (result.timed_out or result.stopped_early or result.error):
+            self._kill(proc)
+        try:
+            result.exit_status = proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)
+            result.exit_status = proc.wait()
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        # Kill the sandbox's pid 1 first (the kernel then kills its whole pid namespace) so that bwrap, still
+        # alive, reaps it; then bwrap and its process group. All of these are processes this object started.
+        for child in _children_of(proc.pid):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the group start_new_session made for bwrap
+            except OSError:
+                pass
+            proc.kill()
+
+
+def probe_sandbox(sandbox: Sandbox) -> None:
+    """Run a trivial program; raise SandboxUnavailable with bwrap's own words if the sandbox cannot start."""
+    res = sandbox.run("stdin", "print(6 * 7)", {"timeout": 10, "cpu_seconds": 10, "inputs": [""]}, 20.0)
+    if not (res.records and res.records[0].get("ok") and res.records[0].get("out", "").strip() == "42"):
+        raise SandboxUnavailable(
+            f"the sandbox could not run a trivial program (records={res.records!r}, exit={res.exit_status}, "
+            f"stderr={res.stderr.strip()[-800:]!r})"
+        )
