@@ -314,3 +314,53 @@ def test_compiled_kernels_on_cuda(monkeypatch, dtype):
     ref = logprob_entropy_reference(x, targets, 0.7)
     torch.testing.assert_close(lp, ref[0], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ent, ref[1], rtol=1e-5, atol=1e-4)
+
+
+def test_kernels_compile_for_h100(monkeypatch):
+    # The interpreter accepts some code the compiler rejects: compile every variant for sm_90 (no GPU needed,
+    # Triton ships ptxas) and check the logits are read with 16-byte vector loads and one exp per logit.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ASTSource / GPUTarget")
+    if not isinstance(triton.language.standard._sum_combine, triton.runtime.JITFunction):
+        pytest.skip("triton was imported with TRITON_INTERPRET=1: its library is interpreted in this process")
+    block_v, num_warps = op.DEFAULT_BLOCK_V, op.DEFAULT_NUM_WARPS
+    per_thread = block_v // (32 * num_warps)
+    aligned = [
+        ["tt.divisibility", 16]
+    ]  # what the JIT infers for 16-byte aligned pointers and strides of V=152064
+    variants = [
+        (op._fwd_kernel, {"FINALIZE": True}),
+        (op._fwd_kernel, {"FINALIZE": False}),
+        (op._bwd_kernel, {"HAS_G_LP": True, "HAS_G_ENT": True}),
+        (op._bwd_kernel, {"HAS_G_LP": True, "HAS_G_ENT": False}),
+        (op._bwd_kernel, {"HAS_G_LP": False, "HAS_G_ENT": True}),
+    ]
+    for fn, flags in variants:
+        kernel = triton.jit(fn)
+        types = {"logits_ptr": "*bf16", "grad_ptr": "*bf16", "targets_ptr": "*i64", "stride_row": "i64"}
+        types |= {"grad_stride_row": "i64", "inv_tau": "fp32"}
+        signature = {}
+        for name in kernel.arg_names:
+            if name == "BLOCK_V" or name in flags:
+                signature[name] = "constexpr"
+            else:
+                signature[name] = types.get(name, "*fp32" if name.endswith("_ptr") else "i32")
+        attrs = {
+            (i,): aligned for i, name in enumerate(kernel.arg_names) if name.endswith(("_ptr", "stride_row"))
+        }
+        attrs[(kernel.arg_names.index("n_cols"),)] = aligned
+        src = ASTSource(kernel, signature, constexprs={"BLOCK_V": block_v, **flags}, attrs=attrs)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": True}
+        )
+        ptx = compiled.asm["ptx"]
+        assert "cubin" in compiled.asm
+        assert "ld.global.v4.b32" in ptx, f"{fn.__name__} {flags}: logits not read with vector loads"
+        assert ptx.count("ex2.approx") <= per_thread + 1, (
+            f"{fn.__name__} {flags}: more than one exp per logit"
+        )
