@@ -218,13 +218,8 @@ def _forward_triton(logits, targets, vocab_start, inv_tau, ignore_index, finaliz
     fwd, _ = _triton_kernels(_interpreting())
     n_rows, n_cols = logits.shape
     f32 = dict(device=logits.device, dtype=torch.float32)
-    if finalize:
-        logprob, entropy, stats = (
-            torch.empty(n_rows, **f32),
-            torch.empty(n_rows, **f32),
-            torch.empty(n_rows, 3, **f32),
-        )
-        out = (logprob, entropy, stats)
+    if finalize:  # logprob, entropy, stats
+        out = (torch.empty(n_rows, **f32), torch.empty(n_rows, **f32), torch.empty(n_rows, 3, **f32))
     else:
         partials = torch.empty(n_rows, 4, **f32)
         out = (partials, partials, partials)  # the kernel writes only the first pointer in this mode
@@ -345,9 +340,8 @@ class _LogprobEntropy(torch.autograd.Function):
         vocab_start, inv_tau, ignore_index, backend, inplace_backward, tuning = ctx.config
         if g_lp is None and g_ent is None:
             return (None,) * 8
-        g_lp = (
-            g_lp.float().contiguous() if g_lp is not None else None
-        )  # e.g. expanded from a .sum(): stride 0
+        # Upstream gradients may be expanded views (from a .sum(): stride 0); the kernels read dense fp32.
+        g_lp = g_lp.float().contiguous() if g_lp is not None else None
         g_ent = g_ent.float().contiguous() if g_ent is not None else None
         grad = logits if inplace_backward else torch.empty_like(logits)
         args = (logits, targets, stats, g_lp, g_ent, grad, vocab_start, inv_tau, ignore_index)
@@ -363,7 +357,7 @@ class _LogprobEntropy(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _validate(logits, targets, temperature, tp_group, ignore_index, check_targets) -> int:
+def _validate(logits, targets, temperature, tp_group, ignore_index, check_targets) -> None:
     if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
         kinds = f"{type(logits).__name__} and {type(targets).__name__}"
         raise TypeError(f"logits and targets must be torch.Tensors, got {kinds}")
@@ -394,7 +388,6 @@ def _validate(logits, targets, temperature, tp_group, ignore_index, check_target
                 f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
                 f"targets[{pos}] = {int(targets[pos])}"
             )
-    return vocab
 
 
 def logprob_entropy(
