@@ -184,7 +184,9 @@ def run_io_tests(
             return False
         if not record.get("ok"):
             why = str(record.get("why", ""))
-            state.update(why="timeout" if why == "timeout" else "runtime_error", detail=f"test {i}: {why}")
+            err = str(record.get("stderr", "")).strip().splitlines()
+            detail = f"test {i}: {why}" + (f" ({err[-1][:200]})" if err else "")
+            state.update(why="timeout" if why == "timeout" else "runtime_error", detail=detail)
             return False
         if tests.functional:
             try:

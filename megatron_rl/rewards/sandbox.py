@@ -243,6 +243,7 @@ class Sandbox:
             "--size", tmpfs, "--perms", "1777", "--tmpfs", "/tmp",
             "--size", tmpfs, "--perms", "0700", "--tmpfs", "/sandbox",
             "--ro-bind", self.harness, "/harness",
+            "--remount-ro", "/",  # the root itself (bwrap's tmpfs) is not a place to write either
             "--chdir", "/sandbox",
             "--",
             self.python, "-I", "-B", "/harness/driver.py", style, "/harness", "/tmp",
