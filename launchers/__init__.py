@@ -1,0 +1,1 @@
+"""NeMo-Run experiment definitions."""

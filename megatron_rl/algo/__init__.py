@@ -1,0 +1,1 @@
+"""The RL math: log-probs from vocab-parallel logits, advantages, losses, packing."""

@@ -1,0 +1,118 @@
+"""The `megatron-rl` command: one subcommand per job, each a thin call into the module that does it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="GRPO for reasoning LLMs on Megatron + vLLM.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints its device and a baseline).")
+app.add_typer(bench_app, name="bench")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("init-tiny")
+def init_tiny(
+    out_dir: Path,
+    hidden_size: int = 128,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    intermediate_size: int = 512,
+    tie_word_embeddings: bool = False,
+    init_std: float = 0.02,
+    seed: int = 0,
+) -> None:
+    """Write a tiny Qwen2 checkpoint with a character-level tokenizer and chat template to OUT_DIR."""
+    from megatron_rl.model.tiny import TinyShape, write_tiny_checkpoint
+
+    shape = TinyShape(
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=intermediate_size,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=init_std,
+    )
+    path = write_tiny_checkpoint(out_dir, shape, seed=seed)
+    typer.echo(json.dumps({"model_dir": str(path)}))
+
+
+@app.command("verify-sync")
+def verify_sync_cmd(
+    model: Annotated[Path, typer.Option("--model", help="HF checkpoint directory")],
+    tp: Annotated[int, typer.Option("--tp", help="Megatron tensor-parallel size")] = 1,
+    bucket_mb: float = 64.0,
+    max_tokens: int = 24,
+    seed: int = 0,
+) -> None:
+    """Push perturbed Megatron weights into vLLM and check that sampled-token logprobs match (fp32, 1e-5)."""
+    from megatron_rl.model.hf_config import ModelConfigError, load_hf_config
+    from megatron_rl.verify_sync import TOLERANCE, verify_sync
+
+    try:
+        load_hf_config(model).check_parallel(tp, 1)
+    except ModelConfigError as e:
+        _fail(str(e))
+    result = verify_sync(str(model), tp=tp, bucket_mb=bucket_mb, max_tokens=max_tokens, seed=seed)
+    typer.echo(json.dumps(result))
+    if not result["max_abs_logprob_diff"] <= TOLERANCE:  # NaN fails too
+        raise typer.Exit(1)
+
+
+@app.command("reward")
+def reward_cmd(
+    kind: Annotated[str, typer.Argument(help="math or code")],
+    input_path: Annotated[Path, typer.Argument(help="JSONL rows to score")],
+    workers: int | None = None,
+    timeout: float | None = None,
+    unsafe_no_sandbox: Annotated[bool, typer.Option("--unsafe-no-sandbox")] = False,
+) -> None:
+    """Score a JSONL file of responses: one JSON line per row, then a summary line."""
+    from megatron_rl.rewards.cli import reward_main
+
+    if kind not in ("math", "code"):
+        _fail(f"KIND must be 'math' or 'code', got '{kind}'")
+    raise typer.Exit(reward_main(kind, str(input_path), workers, timeout, unsafe_no_sandbox))
+
+
+@bench_app.command("kernels", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_kernels(ctx: typer.Context) -> None:
+    """Fused log-prob/entropy kernel vs Megatron and torch baselines (needs a CUDA GPU)."""
+    from kernels.bench import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+@bench_app.command("rewards", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_rewards(ctx: typer.Context) -> None:
+    """Sandboxed code execution vs plain python3, and math-verify throughput."""
+    from megatron_rl.rewards.bench import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+@bench_app.command("sync", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_sync(ctx: typer.Context) -> None:
+    """Weight sync Megatron -> vLLM: ms and MB/s for the tiny and a ~150M-parameter model."""
+    from megatron_rl.bench_sync import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+def main() -> None:
+    # vLLM spawns worker processes that re-import __main__; keep all work under this guard.
+    app(prog_name="megatron-rl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""HF Qwen2 tensors <-> Megatron-core GPTModel shards (tensor and pipeline parallel).
+
+Loading reads only this rank's slices from safetensors; exporting gathers TP (all-gather) and PP (broadcast)
+and yields HF-named tensors in buckets, the form the rollout engines take. Every tensor name and shape is
+checked against what the config implies; a missing, extra or mis-shaped tensor is an error naming it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from safetensors import safe_open
+
+from megatron_rl.model.hf_config import ModelConfigError, Qwen2Config, check_hf_tensors, expected_hf_shapes
+
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+class SafetensorsCheckpoint:
+    """Lazy access to an HF checkpoint directory: model.safetensors or a sharded index."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {name: self.dir / f for name, f in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, "pt") as f:
+                self.file_of = {name: single for name in f.keys()}
+        else:
+            raise ModelConfigError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+        self._open: dict[Path, object] = {}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for name, path in self.file_of.items():
+            out[name] = tuple(self._handle(path).get_slice(name).get_shape())
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            raise ModelConfigError(f"{self.dir}: missing tensor '{name}'")
+        return self._handle(self.file_of[name]).get_tensor(name)
+
+    def _handle(self, path: Path):
+        if path not in self._open:
+            if not path.is_file():
+                raise ModelConfigError(f"{self.dir}: shard file '{path.name}' named in the index is missing")
+            self._open[path] = safe_open(path, "pt")
+        return self._open[path]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mapping: one rule per Megatron parameter.
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str  # parameter name inside one pipeline stage (local layer index)
+    hf: tuple[str, ...]  # HF tensors it is made of
+    split: str  # replicated | column | row | qkv | gate_up
+    export: bool = True  # False for the tied output-layer copy on the last stage
+
+
+def stage_rules(cfg: Qwen2Config, pp_rank: int, pp_size: int, te: bool) -> list[Rule]:
+    per_stage = cfg.num_hidden_layers // pp_size
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    rules: list[Rule] = []
+    if first:
+        rules.append(Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "column"))
+    for local in range(per_stage):
+        g = pp_rank * per_stage + local
+        m, h = f"decoder.layers.{local}.", f"model.layers.{g}."
+        attn_norm = "self_attention.linear_qkv.layer_norm_weight" if te else "input_layernorm.weight"
+        mlp_norm = "mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"
+        rules.append(Rule(m + attn_norm, (h + "input_layernorm.weight",), "replicated"))
+        qkv = tuple(h + f"self_attn.{x}_proj.weight" for x in "qkv")
+        rules.append(Rule(m + "self_attention.linear_qkv.weight", qkv, "qkv"))
+        if cfg.qkv_bias:
+            qkv_b = tuple(h + f"self_attn.{x}_proj.bias" for x in "qkv")
+            rules.append(Rule(m + "self_attention.linear_qkv.bias", qkv_b, "qkv"))
+        rules.append(Rule(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "row"))
+        rules.append(Rule(m + mlp_norm, (h + "post_attention_layernorm.weight",), "replicated"))
+        gate_up = (h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight")
+        rules.append(Rule(m + "mlp.linear_fc1.weight", gate_up, "gate_up"))
+        rules.append(Rule(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "row"))
+    if last:
+        rules.append(Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
+        if not cfg.tie_word_embeddings:
+            rules.append(Rule("output_layer.weight", ("lm_head.weight",), "column"))
+        elif not first:
+            # Megatron keeps a copy of the tied embedding on the last stage; the first stage exports it.
+            rules.append(Rule("output_layer.weight", ("model.embed_tokens.weight",), "column", export=False))
+    return rules
+
+
+def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Qwen2Config) -> torch.Tensor:
+    """HF's separate q/k/v -> Megatron's per-query-group layout [q_g0.., k_g0, v_g0, q_g1.., ...]."""
+    groups = cfg.num_key_value_heads
+    qs = q.reshape(groups, -1, *q.shape[1:])
+    ks = k.reshape(groups, -1, *k.shape[1:])
+    vs = v.reshape(groups, -1, *v.shape[1:])
+    return torch.cat([qs, ks, vs], dim=1).reshape(-1, *q.shape[1:])
+
+
+def _split_qkv(full: torch.Tensor, cfg: Qwen2Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, d = cfg.num_key_value_heads, cfg.head_dim
+    q_rows = cfg.num_attention_heads // groups * d
+    per_group = full.reshape(groups, q_rows + 2 * d, *full.shape[1:])
+    q, k, v = torch.split(per_group, [q_rows, d, d], dim=1)
+    return tuple(x.reshape(-1, *full.shape[1:]).contiguous() for x in (q, k, v))
+
+
+def shard_for_rank(
+    rule: Rule, hf: list[torch.Tensor], cfg: Qwen2Config, tp_rank: int, tp: int
+) -> torch.Tensor:
+    if rule.split == "replicated":
+        return hf[0]
+    if rule.split == "column":
+        return hf[0].chunk(tp, dim=0)[tp_rank]
+    if rule.split == "row":
+        return hf[0].chunk(tp, dim=1)[tp_rank]
+    if rule.split == "qkv":
+        return _interleave_qkv(*hf, cfg).chunk(tp, dim=0)[tp_rank]
+    if rule.split == "gate_up":
+        return torch.cat([hf[0].chunk(tp, dim=0)[tp_rank], hf[1].chunk(tp, dim=0)[tp_rank]], dim=0)
+    raise AssertionError(rule.split)
+
+
+def merge_shards(rule: Rule, shards: list[torch.Tensor], cfg: Qwen2Config) -> list[torch.Tensor]:
+    """The inverse of shard_for_rank over all TP ranks: the HF tensors of `rule`, in rule.hf order."""
+    if rule.split == "replicated":
+        return [shards[0]]
+    if rule.split == "column":
+        return [torch.cat(shards, dim=0)]
+    if rule.split == "row":
+        return [torch.cat(shards, dim=1)]
+    if rule.split == "qkv":
+        return list(_split_qkv(torch.cat(shards, dim=0), cfg))
+    if rule.split == "gate_up":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return [torch.cat([g for g, _ in halves], dim=0), torch.cat([u for _, u in halves], dim=0)]
+    raise AssertionError(rule.split)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model side.
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _rules_for(model: torch.nn.Module, cfg: Qwen2Config) -> list[Rule]:
+    model = unwrap(model)
+    return stage_rules(
+        cfg,
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        getattr(model, "uses_transformer_engine", False),
+    )
+
+
+def load_hf_into_megatron(
+    model: torch.nn.Module, cfg: Qwen2Config, get: Callable[[str], torch.Tensor]
+) -> None:
+    """Copy HF tensors (fetched by name with `get`) into this rank's shard of `model`."""
+    params = dict(unwrap(model).named_parameters())
+    rules = _rules_for(model, cfg)
+    covered = {r.megatron for r in rules}
+    uncovered = [n for n in params if n not in covered]
+    if uncovered:
+        raise ModelConfigError(f"Megatron parameter '{uncovered[0]}' has no HF source; the spec is not Qwen2")
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for rule in rules:
+            target = params[rule.megatron]
+            shard = shard_for_rank(rule, [get(n) for n in rule.hf], cfg, tp_rank, tp)
+            if tuple(shard.shape) != tuple(target.shape):
+                raise ModelConfigError(
+                    f"tensor {list(rule.hf)} gives shard shape {list(shard.shape)} for Megatron parameter "
+                    f"'{rule.megatron}' of shape {list(target.shape)}"
+                )
+            target.copy_(shard)
+
+
+def load_hf_checkpoint(model: torch.nn.Module, cfg: Qwen2Config, model_dir: str | Path) -> None:
+    ckpt = SafetensorsCheckpoint(model_dir)
+    check_hf_tensors(ckpt.shapes(), cfg, str(model_dir))
+    load_hf_into_megatron(model, cfg, ckpt.get)
+
+
+def export_hf_groups(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[NamedTensors]:
+    """Yield, per Megatron parameter, its HF-named full tensors (q/k/v together, gate/up together).
+
+    Runs on every rank of the TP x PP group and is a collective: all of them must consume it in step.
+    Keeping a parameter's tensors together lets a receiver that fuses them (vLLM's qkv_proj) load a bucket
+    at a time.
+    """
+    params = dict(unwrap(model).named_parameters())
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    for stage in range(pp):
+        if stage == pp_rank:
+            rules = [r for r in _rules_for(model, cfg) if r.export]
+            meta = [(r.megatron, r.hf, r.split) for r in rules]
+        else:
+            meta = None
+        if pp > 1:
+            box = [meta]
+            dist.broadcast_object_list(box, src=dist.get_global_rank(pp_group, stage), group=pp_group)
+            meta = box[0]
+        hf_shapes = expected_hf_shapes(cfg)
+        for megatron_name, hf_names, split in meta:
+            rule = Rule(megatron_name, tuple(hf_names), split)
+            tensors: list[torch.Tensor]
+            if stage == pp_rank:
+                local = params[megatron_name].detach()
+                if tp > 1 and split != "replicated":
+                    shards = [torch.empty_like(local) for _ in range(tp)]
+                    dist.all_gather(shards, local.contiguous(), group=tp_group)
+                else:
+                    shards = [local]
+                tensors = merge_shards(rule, shards, cfg)
+            else:
+                dtype = next(iter(params.values())).dtype
+                tensors = [
+                    torch.empty(hf_shapes[n], dtype=dtype, device=next(iter(params.values())).device)
+                    for n in hf_names
+                ]
+            if pp > 1:
+                for t in tensors:
+                    dist.broadcast(t, src=dist.get_global_rank(pp_group, stage), group=pp_group)
+            yield list(zip(hf_names, tensors, strict=True))
+
+
+def bucketed(groups: Iterator[NamedTensors], bucket_bytes: int) -> Iterator[NamedTensors]:
+    """Join groups of tensors into buckets of at most `bucket_bytes`; a group is never split, and a group
+    larger than the budget travels alone."""
+    bucket: NamedTensors = []
+    size = 0
+    for group in groups:
+        nbytes = sum(t.numel() * t.element_size() for _, t in group)
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.extend(group)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def export_hf_buckets(
+    model: torch.nn.Module, cfg: Qwen2Config, bucket_bytes: int = 512 << 20
+) -> Iterator[NamedTensors]:
+    return bucketed(export_hf_groups(model, cfg), bucket_bytes)

