@@ -9,7 +9,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="GRPO for reasoning LLMs on Megatron + vLLM.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="GRPO for reasoning LLMs on Megatron + vLLM."
+)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (each prints its device and a baseline).")
 app.add_typer(bench_app, name="bench")
 
@@ -67,6 +69,60 @@ def verify_sync_cmd(
     typer.echo(json.dumps(result))
     if not result["max_abs_logprob_diff"] <= TOLERANCE:  # NaN fails too
         raise typer.Exit(1)
+
+
+def _run_training(config: Path | None, overrides: list[str], resume: bool) -> None:
+    import logging
+
+    from megatron_rl.config import ConfigError, load_config
+    from megatron_rl.data.dataset import DatasetError
+    from megatron_rl.model.hf_config import ModelConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        _fail(str(e))
+    from megatron_rl.train.rl import train
+
+    try:
+        result = train(cfg, resume=resume)
+    except (ConfigError, DatasetError, ModelConfigError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(result))
+
+
+@app.command("train", context_settings={"allow_extra_args": True})
+def train_cmd(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="YAML config (default: configs/tiny_math.yaml)")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the run's latest checkpoint")
+    ] = False,
+) -> None:
+    """Run an RL stage (SFT warm start first when the config enables it); extra args are key=value overrides."""
+    _run_training(config, list(ctx.args), resume)
+
+
+@app.command("sft", context_settings={"allow_extra_args": True})
+def sft_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config")] = None,
+) -> None:
+    """Only the SFT warm start of a config (RL steps = 0); writes RUN_DIR/sft_model."""
+    _run_training(config, ["sft.enabled=true", "run.steps=0", *ctx.args], False)
+
+
+@app.command("plot")
+def plot_cmd(run_dir: Path, out: Path | None = None) -> None:
+    """Write a PNG of reward, accuracy, entropy and response length against step."""
+    from megatron_rl.train.plot import plot_run
+
+    if not (run_dir / "metrics.jsonl").is_file():
+        _fail(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
+    typer.echo(str(plot_run(run_dir, out)))
 
 
 @app.command("reward")

@@ -1,0 +1,158 @@
+"""Typed run configs: YAML files plus dotted command-line overrides, validated with pydantic.
+
+An unknown key or a wrong type is a one-line ConfigError naming the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_math.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Strict):
+    path: str | None = None  # HF checkpoint dir; None = build the tiny model (init-tiny) in the run dir
+    tiny_init_seed: int = 0
+    tensor_parallel_size: int = Field(1, ge=1)
+    pipeline_parallel_size: int = Field(1, ge=1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    recompute: bool = False
+
+
+class DataCfg(Strict):
+    source: Literal["synthetic_arithmetic", "file"] = "synthetic_arithmetic"
+    train_path: str | None = None  # JSONL or Parquet with fields prompt, answer
+    eval_path: str | None = None
+    prompt_template: Literal["raw", "chat"] = "raw"
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    synthetic_digits: int = Field(3, ge=1, le=6)
+    synthetic_ops: str = "+"
+    synthetic_eval_size: int = 200
+    seed: int = 0
+
+
+class RolloutCfg(Strict):
+    group_size: int = Field(8, ge=1)  # samples per prompt
+    prompts_per_step: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_response_tokens: int = Field(64, ge=1)
+    cpu_kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.5
+    colocate_sleep: bool = True  # on GPU: vLLM sleeps while the trainer runs
+
+
+class GRPOCfg(Strict):
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.28
+    kl_coef: float = 0.0  # k3 estimator against the starting policy's rollout logprobs when > 0
+    overlong_filtering: bool = True  # responses cut at max length get no gradient
+    dynamic_sampling: bool = False  # drop groups whose rewards are all equal, refill from more prompts
+    max_refills: int = 3
+    micro_steps: int = Field(1, ge=1)  # optimizer steps per rollout batch (1 = strictly on-policy)
+    max_tokens_per_microbatch: int = 8192
+    normalize_std: bool = True
+
+
+class OptimCfg(Strict):
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.1
+
+
+class SFTCfg(Strict):
+    enabled: bool = True
+    max_steps: int = 400
+    batch_size: int = 128
+    lr: float = 2e-3
+    eval_every: int = 10
+    eval_after: int = 60
+    stop_at_accuracy: float = (
+        0.25  # stop once held-out accuracy reaches this (a fixed step count varies wildly)
+    )
+
+
+class EvalCfg(Strict):
+    samples_per_problem: int = 4
+    temperature: float = 0.6
+    every: int = 0  # evaluate every N RL steps (0 = only at start and end)
+
+
+class RunCfg(Strict):
+    name: str = "tiny_math"
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = 100
+    checkpoint_every: int = 25
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    reward_workers: int = 2
+    reward_timeout: float = 5.0
+
+
+class Config(Strict):
+    run: RunCfg = RunCfg()
+    model: ModelCfg = ModelCfg()
+    data: DataCfg = DataCfg()
+    rollout: RolloutCfg = RolloutCfg()
+    grpo: GRPOCfg = GRPOCfg()
+    optim: OptimCfg = OptimCfg()
+    sft: SFTCfg = SFTCfg()
+    eval: EvalCfg = EvalCfg()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[leaf] = value
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{key}'"
+    return f"config key '{key}': {first['msg']} (got {first.get('input')!r})"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (default: the embedded tiny_math.yaml), apply `a.b=value` overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_describe(e)}") from None

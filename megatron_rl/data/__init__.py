@@ -1,0 +1,1 @@
+"""Prompts and reference answers: dataset files, prompt templates, the synthetic arithmetic task."""

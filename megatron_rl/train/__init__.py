@@ -1,0 +1,1 @@
+"""The training loops (RL and SFT), checkpointing and metrics."""

@@ -1,0 +1,64 @@
+"""Per-step metrics to a JSONL file, TensorBoard, optional Weights & Biases, and a tqdm progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(
+        self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, wandb_project, config
+    ):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(
+                    project=wandb_project, dir=str(run_dir), config=config, resume="allow"
+                )
+            except ImportError:
+                log.warning("wandb_project is set but wandb is not installed; skipping W&B logging")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="RL", unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in metrics.items():
+            if self.tb is not None and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        self.bar.set_postfix(
+            reward=f"{metrics.get('reward_mean', 0):.3f}",
+            len=f"{metrics.get('response_length_mean', 0):.0f}",
+            ent=f"{metrics.get('entropy_mean', 0):.2f}",
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

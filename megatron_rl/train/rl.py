@@ -1,0 +1,254 @@
+"""`megatron-rl train`: the RL stage, one step at a time, in the order of the data flow.
+
+prompts -> rollouts (vLLM) -> rewards -> GRPO advantages -> packed policy update -> weight sync -> metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from megatron_rl.config import Config
+from megatron_rl.data.arithmetic import ArithmeticTask
+from megatron_rl.data.dataset import load_prompt_dataset
+from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
+from megatron_rl.model.policy import Policy
+from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_rl.train.evaluate import evaluate
+from megatron_rl.train.metrics import MetricsLogger
+from megatron_rl.train.rollouts import collect_rollouts
+from megatron_rl.train.sft import run_sft
+from megatron_rl.train.update import policy_update
+
+log = logging.getLogger("megatron_rl")
+
+
+def is_driver() -> bool:
+    """Rank 0 drives the rollout engine and the reward pool; the others only train."""
+    return dist.get_rank() == 0
+
+
+def broadcast(obj):
+    if dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def sync_weights(policy: Policy, engine) -> dict[str, float]:
+    start = time.perf_counter()
+    buckets = list(policy.hf_buckets())  # a collective: every rank takes part in the gather
+    report = engine.update_weights(buckets) if engine is not None else None
+    return {"time_sync_s": time.perf_counter() - start, "sync_mb": (report.bytes / 1e6) if report else 0.0}
+
+
+def lr_schedule(cfg: Config):
+    def factor(step: int) -> float:
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / cfg.optim.warmup_steps
+        if cfg.optim.schedule == "cosine":
+            progress = min(1.0, step / max(1, cfg.run.steps))
+            return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * progress)
+            )
+        return 1.0
+
+    return factor
+
+
+def save_hf_checkpoint(policy: Policy, out_dir: Path) -> None:
+    """The policy as an HF checkpoint directory (tokenizer and config copied from where it started)."""
+    tensors = {name: t.contiguous().cpu() for bucket in policy.hf_buckets() for name, t in bucket}
+    if not is_driver():
+        return
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(policy.model_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors*"))
+    save_file(tensors, tmp / "model.safetensors")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+def prepare_base_model(cfg: Config, run_dir: Path) -> Path:
+    if cfg.model.path:
+        return Path(cfg.model.path)
+    base = run_dir / "init_model"
+    if is_driver() and not (base / "config.json").is_file():
+        from megatron_rl.model.tiny import write_tiny_checkpoint
+
+        write_tiny_checkpoint(base, seed=cfg.model.tiny_init_seed)
+    dist.barrier()
+    return base
+
+
+def load_data(cfg: Config):
+    if cfg.data.source == "synthetic_arithmetic":
+        task = ArithmeticTask(
+            seed=cfg.data.seed, digits=cfg.data.synthetic_digits, eval_size=cfg.data.synthetic_eval_size
+        )
+        return task, task.eval_set(), task
+    train = load_prompt_dataset(cfg.data.train_path) if cfg.data.train_path else None
+    if train is None:
+        raise ValueError("config key 'data.train_path' is required when data.source is 'file'")
+    log.info("dataset %s: %d rows, %d bad rows skipped", train.path, len(train), len(train.skipped))
+    evalset = load_prompt_dataset(cfg.data.eval_path).problems if cfg.data.eval_path else train.problems[:200]
+    return train, evalset, None
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    started = time.perf_counter()
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.run.seed)
+    init_distributed(ParallelLayout(cfg.model.tensor_parallel_size, cfg.model.pipeline_parallel_size))
+    if cfg.model.pipeline_parallel_size > 1:
+        raise ValueError("config key 'model.pipeline_parallel_size': the RL trainer runs PP=1 for now")
+    if is_driver():
+        (run_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
+    dataset, eval_problems, sft_task = load_data(cfg)
+    base_dir = prepare_base_model(cfg, run_dir)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    policy = Policy.from_hf(base_dir, params_dtype=dtype, recompute=cfg.model.recompute)
+
+    engine = pool = tokenizer = None
+    if is_driver():
+        from megatron_rl.rewards import RewardPool
+        from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(
+            str(base_dir),
+            tensor_parallel_size=1,
+            dtype=cfg.model.dtype,
+            seed=cfg.run.seed,
+            cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        )
+        tokenizer = engine.tokenizer
+        pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
+
+    def held_out_accuracy() -> float:
+        sync_weights(policy, engine)
+        acc = evaluate(engine, pool, eval_problems, tokenizer, cfg) if is_driver() else 0.0
+        return broadcast(acc)
+
+    # ---- SFT warm start (skipped when resuming a run that already did it)
+    sft_record = run_dir / "sft.json"
+    ckpt_root = run_dir / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_root) if resume else None
+    if cfg.sft.enabled and sft_task is not None and not sft_record.is_file():
+        sft_accuracy = _warm_start(cfg, policy, sft_task, tokenizer, held_out_accuracy, run_dir)
+    elif sft_record.is_file():
+        sft_accuracy = json.loads(sft_record.read_text())["sft_accuracy"]
+        if resume_from is None:  # continue from the saved SFT weights
+            policy = Policy.from_hf(run_dir / "sft_model", params_dtype=dtype, recompute=cfg.model.recompute)
+    else:
+        sft_accuracy = held_out_accuracy()
+
+    # ---- RL
+    optimizer = torch.optim.AdamW(
+        policy.model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
+    state = {"step": 0, "data_position": 0}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, policy.model, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_schedule(cfg), last_epoch=state["step"] - 1
+        )
+        log.info("resumed from %s at step %d", resume_from, state["step"])
+    elif resume:
+        log.info("--resume: no checkpoint in %s, starting at step 0", ckpt_root)
+    sync_weights(policy, engine)  # vLLM started from the base checkpoint: give it the current weights
+
+    metrics_log = (
+        MetricsLogger(
+            run_dir,
+            cfg.run.steps,
+            state["step"],
+            cfg.run.tensorboard and is_driver(),
+            cfg.run.wandb_project,
+            cfg.model_dump(),
+        )
+        if is_driver()
+        else None
+    )
+    for step in range(state["step"] + 1, cfg.run.steps + 1):
+        t_step = time.perf_counter()
+        seed = cfg.run.seed * 1_000_003 + step * 10_007
+        batch = (
+            collect_rollouts(engine, pool, dataset, tokenizer, cfg, state["data_position"], seed)
+            if is_driver()
+            else None
+        )
+        batch = broadcast(batch)
+        t_train = time.perf_counter()
+        train_metrics = policy_update(policy, optimizer, scheduler, batch, cfg)
+        train_seconds = time.perf_counter() - t_train
+        sync_metrics = sync_weights(policy, engine)
+        state = {"step": step, "data_position": batch.data_position}
+        step_seconds = time.perf_counter() - t_step
+        response_tokens = sum(len(r) for r in batch.responses)
+        metrics = {
+            **batch.stats,
+            **train_metrics,
+            **sync_metrics,
+            "time_train_s": train_seconds,
+            "time_step_s": step_seconds,
+            "tokens_per_s": response_tokens / step_seconds,
+            "train_tokens_per_s": train_metrics["packed_tokens"] / train_seconds,
+        }
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            metrics["heldout_accuracy"] = held_out_accuracy()
+        if metrics_log:
+            metrics_log.log(step, metrics)
+        if cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps):
+            save_checkpoint(ckpt_root, step, policy.model, optimizer, state, cfg.run.keep_checkpoints)
+    if metrics_log:
+        metrics_log.close()
+
+    rl_accuracy = held_out_accuracy()
+    result = {
+        "sft_accuracy": round(sft_accuracy, 4),
+        "rl_accuracy": round(rl_accuracy, 4),
+        "minutes": round((time.perf_counter() - started) / 60, 2),
+        "run_dir": str(run_dir),
+    }
+    if is_driver():
+        (run_dir / "result.json").write_text(json.dumps(result))
+        engine.shutdown()
+        pool.close()
+    shutdown()
+    return result
+
+
+def _warm_start(cfg, policy, task, tokenizer, held_out_accuracy, run_dir: Path) -> float:
+    """SFT on the synthetic task's traced solutions, then save the SFT checkpoint for later runs/resume."""
+    from megatron_rl.data.prompts import render_prompt
+
+    eos = [tokenizer.eos_token_id] if is_driver() else []
+    eos = broadcast(eos)
+    tok = broadcast(tokenizer)
+    bs = cfg.sft.batch_size
+
+    def pairs(step: int):
+        problems = [task.train_problem(10_000_000 + step * bs + i) for i in range(bs)]
+        prompts = [render_prompt(p, tok, cfg.data.prompt_template, cfg.data.instruction) for p in problems]
+        responses = [tok.encode(task.sft_response(p), add_special_tokens=False) + eos for p in problems]
+        return prompts, responses
+
+    steps, accuracy = run_sft(policy, pairs, held_out_accuracy, cfg)
+    log.info("SFT warm start: %d steps, held-out accuracy %.3f", steps, accuracy)
+    save_hf_checkpoint(policy, run_dir / "sft_model")
+    if is_driver():
+        (run_dir / "sft.json").write_text(json.dumps({"sft_accuracy": accuracy, "sft_steps": steps}))
+    dist.barrier()
+    return accuracy

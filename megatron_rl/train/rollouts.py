@@ -1,0 +1,108 @@
+"""Prompts -> vLLM samples -> rewards -> GRPO advantages (with overlong filtering and dynamic sampling)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron_rl.algo.grpo import group_advantages, informative_groups, loss_mask
+from megatron_rl.data.prompts import render_prompt
+
+
+@dataclass
+class RolloutBatch:
+    prompts: list[list[int]]  # one per sample (repeated within a group)
+    responses: list[list[int]]
+    rollout_logprobs: list[list[float]]
+    rewards: list[float]
+    truncated: list[bool]
+    advantages: list[float]
+    trained: list[bool]  # contributes to the loss
+    texts: list[str] = field(default_factory=list)
+    data_position: int = 0  # the next unused prompt index after this batch
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, temperature: float):
+    prompt_ids = [
+        render_prompt(p, tokenizer, cfg.data.prompt_template, cfg.data.instruction) for p in problems
+    ]
+    t0 = time.perf_counter()
+    samples = engine.generate(
+        prompt_ids,
+        n=n,
+        temperature=temperature,
+        top_p=cfg.rollout.top_p,
+        max_tokens=cfg.rollout.max_response_tokens,
+        seed=seed,
+    )
+    t1 = time.perf_counter()
+    answers = [problems[s.prompt_index].answer for s in samples]
+    rewards = pool.score_math([s.text for s in samples], answers, timeout=cfg.run.reward_timeout)
+    return samples, rewards, t1 - t0, time.perf_counter() - t1
+
+
+def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, seed: int) -> RolloutBatch:
+    """One step's batch: `prompts_per_step` groups of `group_size` samples each.
+
+    With dynamic sampling, groups whose rewards are all equal are dropped and refilled from further prompts
+    (up to `max_refills` rounds), as DAPO/AceReason do, so every kept group carries a learning signal.
+    """
+    g, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    kept_samples, kept_rewards, kept_answers_groups = [], [], 0
+    seconds = {"rollout": 0.0, "reward": 0.0}
+    generated = dropped = 0
+    rounds = 0
+    while kept_answers_groups < want:
+        need = want - kept_answers_groups
+        problems = [dataset.train_problem(data_position + i) for i in range(need)]
+        data_position += need
+        samples, rewards, t_gen, t_reward = sample_and_score(
+            engine, pool, problems, tokenizer, cfg, seed + rounds * 7919, g, cfg.rollout.temperature
+        )
+        seconds["rollout"] += t_gen
+        seconds["reward"] += t_reward
+        generated += len(samples)
+        groups = range(need)
+        if cfg.grpo.dynamic_sampling and rounds < cfg.grpo.max_refills:
+            groups = informative_groups(rewards, g)
+            dropped += need - len(groups)
+        for k in groups:
+            kept_samples.extend(samples[k * g : (k + 1) * g])
+            kept_rewards.extend(rewards[k * g : (k + 1) * g])
+            kept_answers_groups += 1
+            if kept_answers_groups == want:
+                break
+        rounds += 1
+        if not cfg.grpo.dynamic_sampling:
+            break
+    rewards_t = torch.tensor(kept_rewards, dtype=torch.float64)
+    advantages = group_advantages(rewards_t, g, cfg.grpo.normalize_std)
+    truncated = [s.finish_reason == "length" for s in kept_samples]
+    lengths = [len(s.token_ids) for s in kept_samples]
+    trained = loss_mask(lengths, truncated, cfg.grpo.overlong_filtering)
+    stats = {
+        "reward_mean": float(rewards_t.mean()),
+        "accuracy": float((rewards_t > 0.5).double().mean()),
+        "response_length_mean": sum(lengths) / len(lengths),
+        "response_length_max": float(max(lengths)),
+        "truncated_fraction": sum(truncated) / len(truncated),
+        "samples_generated": float(generated),
+        "groups_dropped": float(dropped),
+        "time_rollout_s": seconds["rollout"],
+        "time_reward_s": seconds["reward"],
+    }
+    return RolloutBatch(
+        prompts=[list(s.prompt_ids) for s in kept_samples],
+        responses=[list(s.token_ids) for s in kept_samples],
+        rollout_logprobs=[list(s.logprobs) for s in kept_samples],
+        rewards=kept_rewards,
+        truncated=truncated,
+        advantages=advantages.tolist(),
+        trained=trained,
+        texts=[s.text for s in kept_samples],
+        data_position=data_position,
+        stats=stats,
+    )

@@ -1,0 +1,50 @@
+"""Supervised warm start on (prompt, response) pairs with the same Megatron policy and packing.
+
+Stops when held-out accuracy (through the vLLM engine, after a weight sync) reaches `stop_at_accuracy`: on a
+tiny model a fixed step count lands anywhere between 0% and 85%.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from megatron_rl.algo.packing import pack_microbatches, packed_forward_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def sft_step(
+    policy, optimizer, prompts: list[list[int]], responses: list[list[int]], max_tokens: int
+) -> float:
+    """One optimizer step of mean token negative log-likelihood over the responses."""
+    policy.model.train()
+    optimizer.zero_grad(set_to_none=True)
+    total = sum(len(r) for r in responses)
+    loss_sum = 0.0
+    for mb in pack_microbatches(prompts, responses, max_tokens):
+        logprobs, _ = packed_forward_logprobs(policy.model, mb, 1.0, policy.tp_group)
+        loss = -(logprobs * mb.loss_mask.to(logprobs.device)).sum() / total
+        loss.backward()
+        loss_sum += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+    optimizer.step()
+    return loss_sum
+
+
+def run_sft(policy, pairs_for_step, evaluate_now, cfg, on_step=None) -> tuple[int, float]:
+    """Train until held-out accuracy reaches the target (or max_steps). Returns (steps, accuracy)."""
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.sft.lr, weight_decay=0.0)
+    accuracy = 0.0
+    for step in range(1, cfg.sft.max_steps + 1):
+        prompts, responses = pairs_for_step(step)
+        loss = sft_step(policy, optimizer, prompts, responses, cfg.grpo.max_tokens_per_microbatch)
+        if on_step:
+            on_step(step, loss)
+        if step >= cfg.sft.eval_after and step % cfg.sft.eval_every == 0:
+            accuracy = evaluate_now()
+            log.info("SFT step %d: loss %.4f, held-out accuracy %.3f", step, loss, accuracy)
+            if accuracy >= cfg.sft.stop_at_accuracy:
+                return step, accuracy
+    return cfg.sft.max_steps, accuracy
