@@ -1,0 +1,84 @@
+"""Configs and datasets: a bad key, type, file or row is a clear one-line error or a counted skip."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_rl.config import ConfigError, load_config
+from megatron_rl.data.arithmetic import ArithmeticTask, addition_trace
+from megatron_rl.data.dataset import DatasetError, load_prompt_dataset
+
+
+def test_default_config_loads_and_overrides_apply():
+    cfg = load_config(None, ["rollout.temperature=0.7", "run.steps=3"])
+    assert cfg.rollout.temperature == 0.7 and cfg.run.steps == 3
+    assert cfg.rollout.group_size == 8
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("rollout.temprature=0.7", "unknown config key 'rollout.temprature'"),
+        ("run.steps=many", "config key 'run.steps'"),
+        ("rollout.temperature=-1", "config key 'rollout.temperature'"),
+        ("nonsense", "must look like section.key=value"),
+    ],
+)
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/x.yaml")
+
+
+def test_cli_bad_config_is_one_line():
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_rl.cli", "train", "grpo.clip_eps=0.3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "unknown config key 'grpo.clip_eps'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_rows_are_counted_and_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(
+        b'{"prompt": "1+1=", "answer": "2"}\n'
+        b'{"prompt": "2+2="}\n'
+        b"not json\n"
+        b'{"prompt": "", "answer": "0"}\n'
+        b'\xff\xfe{"prompt": "x", "answer": "y"}\n'
+        b'{"prompt": "3+3=", "answer": 6}\n'
+    )
+    data = load_prompt_dataset(path)
+    assert [p.prompt for p in data.problems] == ["1+1=", "3+3="]
+    assert data.problems[1].answer == "6"
+    assert len(data.skipped) == 4
+    assert f"{path}:2: missing field 'answer'" in data.skipped
+    assert any(s.startswith(f"{path}:3: not valid JSON") for s in data.skipped)
+    assert any(s.startswith(f"{path}:5:") for s in data.skipped)
+
+
+def test_missing_dataset_file(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_prompt_dataset(tmp_path / "nope.jsonl")
+
+
+def test_arithmetic_task_is_deterministic_and_held_out():
+    task = ArithmeticTask(seed=0)
+    assert addition_trace(964, 494) == "4+4+0=8,6+9+0=15,9+4+1=14"
+    p = task.train_problem(0)
+    assert task.sft_response(p).endswith(f"\\boxed{{{p.answer}}}")
+    assert task.train_problem(5) == ArithmeticTask(seed=0).train_problem(5)
+    held = {q.prompt for q in task.eval_set()}
+    assert not held & {task.train_problem(i).prompt for i in range(2000)}
