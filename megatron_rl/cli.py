@@ -165,6 +165,14 @@ def bench_sync(ctx: typer.Context) -> None:
     raise typer.Exit(main(list(ctx.args)))
 
 
+@bench_app.command("packing", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_packing(ctx: typer.Context) -> None:
+    """Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models."""
+    from megatron_rl.bench_packing import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
 def main() -> None:
     # vLLM spawns worker processes that re-import __main__; keep all work under this guard.
     app(prog_name="megatron-rl")
