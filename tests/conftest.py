@@ -11,7 +11,9 @@ from megatron_rl.model.tiny import TinyShape, write_tiny_checkpoint
 def tiny_ckpt(tmp_path_factory) -> str:
     """The default tiny shape (2 heads, 1 KV head, untied), with weights large enough that logits are far from
     uniform (init std 0.1), so parity checks compare real distributions."""
-    return str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinyShape(initializer_range=0.1), seed=1))
+    return str(
+        write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TinyShape(initializer_range=0.1), seed=1)
+    )
 
 
 @pytest.fixture(scope="session")

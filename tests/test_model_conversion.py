@@ -42,7 +42,9 @@ def _check_model(rank: int, world: int, model_dir: str, tp: int, pp: int) -> Non
             local = policy.model.eval()(input_ids=tokens, position_ids=positions, attention_mask=None)
             if tp > 1:  # vocab-parallel: gather the slices
                 parts = [torch.empty_like(local) for _ in range(tp)]
-                dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+                dist.all_gather(
+                    parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group()
+                )
                 local = torch.cat(parts, dim=-1)
             reference = hf(tokens).logits
         assert local.shape == reference.shape

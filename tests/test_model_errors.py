@@ -46,7 +46,9 @@ def test_misshaped_tensor_is_named(tiny_ckpt, tmp_path):
         t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:32]
 
     bad = _copy_with(tiny_ckpt, tmp_path, shrink)
-    with pytest.raises(ModelConfigError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[32, 128\]"):
+    with pytest.raises(
+        ModelConfigError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[32, 128\]"
+    ):
         _check(bad)
 
 
@@ -61,7 +63,9 @@ def test_unsupported_architecture_names_field(tiny_ckpt, tmp_path):
 
 
 def test_tp_not_dividing_heads_names_field(tiny_ckpt):
-    with pytest.raises(ModelConfigError, match="tensor_parallel_size=3 does not divide num_attention_heads=2"):
+    with pytest.raises(
+        ModelConfigError, match="tensor_parallel_size=3 does not divide num_attention_heads=2"
+    ):
         load_hf_config(tiny_ckpt).check_parallel(3, 1)
 
 

@@ -56,7 +56,10 @@ def test_push_returns_matching_checksums(engine, tiny_ckpt):
             lambda ts: [(n, t) for n, t in ts if n != "model.embed_tokens.weight"],
             "missing tensor 'model.embed_tokens.weight'",
         ),
-        (lambda ts: ts + [("model.layers.7.extra.weight", torch.zeros(3))], "unexpected tensor 'model.layers.7"),
+        (
+            lambda ts: ts + [("model.layers.7.extra.weight", torch.zeros(3))],
+            "unexpected tensor 'model.layers.7",
+        ),
         (
             lambda ts: [(n, t[:-1] if n == "model.norm.weight" else t) for n, t in ts],
             "'model.norm.weight' has shape [127]",

@@ -97,7 +97,9 @@ class VLLMEngine:
         for index, request in enumerate(outputs):
             for completion in request.outputs:
                 token_ids = list(completion.token_ids)
-                logprobs = [step[tok].logprob for tok, step in zip(token_ids, completion.logprobs, strict=True)]
+                logprobs = [
+                    step[tok].logprob for tok, step in zip(token_ids, completion.logprobs, strict=True)
+                ]
                 samples.append(
                     RolloutSample(
                         prompt_index=index,
