@@ -224,6 +224,14 @@ with open("/sandbox/big.bin", "wb") as f:
     for _ in range(1024):
         f.write(b"\\0" * (1 << 20))
 print("{M}")""",
+        "many_processes_filling_memory": f"""
+import os, time
+for _ in range(7):
+    if os.fork() == 0:
+        break
+x = b"\\1" * (400 << 20)  # 8 processes x 400 MB resident: over the sandbox's 1 GB in total
+time.sleep(3)
+print("{M}")""",
         "thousand_threads": f"""
 import threading, time
 ts = [threading.Thread(target=time.sleep, args=(1,)) for _ in range(1000)]

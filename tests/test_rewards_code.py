@@ -139,6 +139,13 @@ def test_stdin_and_functional_styles(pool: RewardPool) -> None:
             0.0,
         ),
         (fenced(TWO_SUM, think=False), TWO_SUM_TESTS, "twoSum", None, 1.0),
+        (
+            fenced(TWO_SUM.replace("[seen[target - x], i]", "(seen[target - x], i)")),
+            TWO_SUM_TESTS,
+            "twoSum",
+            None,
+            1.0,
+        ),  # a tuple is returned as the JSON list it is
         ("<think>```python\n" + TWO_SUM + "```</think> I give up.", TWO_SUM_TESTS, "twoSum", None, 0.0),
         (
             fenced(
@@ -170,12 +177,12 @@ def test_stop_at_first_failure_and_time_limits(pool: RewardPool) -> None:
     start = time.monotonic()
     res = pool.score_code_detailed([fenced(prog)], [tests])[0]
     assert (res.reward, res.passed, res.why) == (0.0, 1, "wrong_answer")
-    assert time.monotonic() - start < 3.0  # test 3 (sleeps) never ran
+    assert time.monotonic() - start < 8.0  # test 3 (sleeps 100 s) never ran
     res = pool.score_code_detailed([fenced("import time\ntime.sleep(100)")], [SUM_TESTS], timeout=1.0)[0]
-    assert (res.reward, res.why) == (0.0, "timeout") and res.seconds < 3.0
+    assert (res.reward, res.why) == (0.0, "timeout") and res.seconds < 5.0
     slow_fn = "class Solution:\n    def twoSum(self, nums, target):\n        while True: pass"
     res = pool.score_code_detailed([fenced(slow_fn)], [TWO_SUM_TESTS], ["twoSum"], timeout=1.0)[0]
-    assert (res.reward, res.why) == (0.0, "timeout") and res.seconds < 3.0
+    assert (res.reward, res.why) == (0.0, "timeout") and res.seconds < 5.0
     res = pool.score_code_detailed([fenced("x = bytearray(2 << 30)\nprint(6)")], [SUM_TESTS[:1]])[0]
     assert (res.reward, res.why) == (0.0, "runtime_error"), res
 

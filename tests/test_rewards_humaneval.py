@@ -69,4 +69,4 @@ def test_timeouts_fail(pool: RewardPool, problems: list[dict]) -> None:
     subset = problems[::12]
     programs = [he.program(p, "    while True:\n        pass\n") for p in subset]
     results = pool.run_programs(programs, [he.tests(p) for p in subset], timeout=1.0)
-    assert all((r.reward, r.why) == (0.0, "timeout") and r.seconds < 3.0 for r in results)
+    assert all((r.reward, r.why) == (0.0, "timeout") and r.seconds < 5.0 for r in results)

@@ -116,7 +116,7 @@ GARBAGE = [
 def test_garbage_scores_zero_quickly(response, answer) -> None:
     start = time.monotonic()
     assert math_reward(response, answer, timeout=2.0) == 0.0
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 6.0
 
 
 def test_pathological_answer_times_out() -> None:
@@ -124,7 +124,7 @@ def test_pathological_answer_times_out() -> None:
     start = time.monotonic()
     ok, why = math_reward_detail(T + r"\boxed{9^{9^{9^{9}}}}", "1", timeout=1.0)
     assert (ok, why) == (False, "timeout")
-    assert time.monotonic() - start < 2.5
+    assert time.monotonic() - start < 5.0
 
 
 def test_pool_scores_batches_and_survives_hangs() -> None:
@@ -136,5 +136,30 @@ def test_pool_scores_batches_and_survives_hangs() -> None:
         assert time.monotonic() - start < 20
         # The pool is reusable: a second batch on the same workers.
         assert pool.score_math([T + r"\boxed{[1,2)}"], ["[1, 2)"]) == [1.0]
-        detailed = pool.score_math_detailed([T + r"\boxed{2^{2^{40}}}", "x"], ["5", "x"])
+        detailed = pool.score_math_detailed([T + r"\boxed{7^{7^{30}}}", "x"], ["5", "x"])
         assert detailed == [(0.0, "timeout"), (0.0, "no_box")]
+
+
+def test_two_stage_latex_parsing_gives_the_ll_parse() -> None:
+    # math_grader makes latex2sympy try ANTLR's fast SLL prediction first; the tree must be the LL one.
+    from latex2sympy2_extended import latex2sympy2 as l2s
+    from sympy import srepr
+
+    from megatron_rl.rewards.bench import _TEMPLATES
+
+    math_reward(T + r"\boxed{\frac{1}{2}}", "0.5")  # installs the two-stage parser
+    cls = l2s._Latex2Sympy
+    assert cls._two_stage
+    texts = {t for r, a, _ in CASES for t in (extract_math_answer(r), a) if t}
+    for template in _TEMPLATES:
+        ref, right, wrong = template(7)
+        texts.update([ref, *right, *wrong])
+
+    def outcome(parse, text):
+        try:
+            return srepr(parse(cls(), text))
+        except Exception as e:
+            return type(e).__name__
+
+    for text in sorted(texts):
+        assert outcome(cls.parse, text) == outcome(cls._ll_parse, text), text

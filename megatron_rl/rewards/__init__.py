@@ -18,7 +18,7 @@ from megatron_rl.rewards.code_reward import (
     stdout_matches,
     values_equal,
 )
-from megatron_rl.rewards.math_reward import extract_math_answer, last_boxed, math_reward, math_reward_detail
+from megatron_rl.rewards.math_grader import extract_math_answer, last_boxed, math_reward, math_reward_detail
 from megatron_rl.rewards.pool import RewardPool, score_code_batch, score_math_batch
 from megatron_rl.rewards.sandbox import Sandbox, SandboxLimits, SandboxUnavailable
 

@@ -8,18 +8,20 @@ Test formats:
 
 All of a problem's tests run in ONE sandboxed process (the start-up is paid once); the run stops at the first
 failing test. Expected outputs never enter the sandbox: stdout and JSON return values come out and are judged
-here, so a program can neither read the answers nor return an object that claims to equal everything.
+here (function results cross as repr() text, rebuilt with ast.literal_eval), so a program can neither read
+the answers nor return an object that claims to equal everything.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_rl.rewards.math_reward import final_answer_region
+from megatron_rl.rewards.math_grader import final_answer_region
 from megatron_rl.rewards.sandbox import RunResult, Sandbox
 
 DEFAULT_TEST_TIMEOUT = 6.0  # seconds per test (LiveCodeBench's default)
@@ -155,6 +157,27 @@ def _expected_json(text: str) -> Any:
     return json.loads(text)
 
 
+def _json_args(text: str) -> list[Any]:
+    """LiveCodeBench functional input: one JSON value per line, one line per argument."""
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
+
+
+def _as_json_shape(value: Any) -> Any:
+    """A returned value in the shapes JSON has: tuples become lists (the expected outputs are JSON)."""
+    if isinstance(value, (list, tuple)):
+        return [_as_json_shape(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_json_shape(v) for k, v in value.items()}
+    return value
+
+
+def parse_returned(text: Any) -> Any:
+    """Rebuild a value the sandbox serialised with repr(): literals only, never code (ast.literal_eval)."""
+    if not isinstance(text, str):
+        raise ValueError("no result")
+    return _as_json_shape(ast.literal_eval(text))
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -169,11 +192,13 @@ def run_io_tests(
     n = len(tests.inputs)
     state = {"passed": 0, "why": "", "detail": ""}
     expected_values: list[Any] = []
+    inputs: list[Any] = list(tests.inputs)
     if tests.functional:
         try:
             expected_values = [_expected_json(o) for o in tests.outputs]
+            inputs = [_json_args(i) for i in tests.inputs]  # sent as plain values: no JSON inside the sandbox
         except ValueError as e:
-            return CodeResult(0.0, 0, n, "bad_tests", f"expected output is not JSON: {e}")
+            return CodeResult(0.0, 0, n, "bad_tests", f"test case is not JSON: {e}")
 
     def judge(record: dict) -> bool:
         if record.get("done"):
@@ -190,9 +215,9 @@ def run_io_tests(
             return False
         if tests.functional:
             try:
-                got = json.loads(record.get("ret"))
-            except (TypeError, ValueError, RecursionError):
-                state.update(why="wrong_answer", detail=f"test {i}: result is not JSON")
+                got = parse_returned(record.get("ret"))
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                state.update(why="wrong_answer", detail=f"test {i}: the result is not a plain value")
                 return False
             ok = values_equal(got, expected_values[i], tests.float_tolerance)
         else:
@@ -205,7 +230,7 @@ def run_io_tests(
         return True
 
     spec: dict[str, Any] = {"timeout": float(timeout), "cpu_seconds": int(math.ceil(timeout)) + 1}
-    spec["inputs"] = list(tests.inputs)
+    spec["inputs"] = inputs
     if tests.functional:
         spec["fn_name"] = tests.fn_name
     run = sandbox.run(
@@ -229,8 +254,7 @@ def run_check_tests(sandbox: Sandbox, program: str, tests: CheckTests, timeout: 
         return False
 
     spec = {"timeout": float(timeout), "entry_point": tests.entry_point, "prelude": tests.prelude}
-    spec["test"] = tests.test
-    run = sandbox.run("check", program, spec, _wall_timeout(1, timeout), judge)
+    run = sandbox.run("check", program, spec, _wall_timeout(1, timeout), judge, secret={"test": tests.test})
     return _result(run, state, 1)
 
 

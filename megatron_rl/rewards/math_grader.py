@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import signal
 import threading
+from fractions import Fraction
 from typing import Any
 
 THINK_END = "</think>"
@@ -85,11 +87,87 @@ def _squash(s: str) -> str:
     return "".join(s.split())
 
 
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_SLASH = re.compile(r"([+-]?\d+)/(\d+)")
+_LATEX_FRAC = re.compile(r"([+-]?)\\[dt]?frac\{([+-]?\d+)\}\{(\d+)\}")
+
+
+def _exact_number(text: str) -> tuple[Fraction, bool] | None:
+    """(value, is_integer) for a plain integer, decimal, a/b or \\frac{a}{b}; None for anything else."""
+    s = text.strip().strip("$").strip()  # inner spaces are not squashed: "1 2" is not 12
+    try:
+        if _DECIMAL.fullmatch(s):
+            return Fraction(s), "." not in s
+        if m := _SLASH.fullmatch(s):
+            return Fraction(int(m[1]), int(m[2])), False
+        if m := _LATEX_FRAC.fullmatch(s):
+            value = Fraction(int(m[2]), int(m[3]))
+            return (-value if m[1] == "-" else value), False
+    except (ValueError, ZeroDivisionError):
+        return None
+    return None
+
+
+def _numeric_shortcut(content: str, answer: str) -> bool | None:
+    """Decide plain-number answers without SymPy (most competition answers are integers or fractions).
+
+    Equal exact values are a match; two different integers are not. Anything else (e.g. 0.333 vs 1/3, where
+    math-verify rounds) is left to math-verify, so the shortcut never disagrees with it.
+    """
+    a, b = _exact_number(content), _exact_number(answer)
+    if a is None or b is None:
+        return None
+    if a[0] == b[0]:
+        return True
+    return False if a[1] and b[1] else None
+
+
+def _use_two_stage_latex_parsing() -> None:
+    """Make latex2sympy's ANTLR parser try SLL prediction first and fall back to full LL on any error.
+
+    This is ANTLR's standard two-stage strategy: an SLL parse that succeeds is the parse LL would return
+    (ANTLR documents this guarantee), and SLL skips the full-context prediction that dominates the cost of
+    parsing intervals and sets (5-6 ms -> ~1 ms each here). Any error, in parsing or in converting the tree,
+    reruns the original LL path, so results cannot change. Applied once per process; skipped if latex2sympy
+    changed shape.
+    """
+    try:
+        from antlr4.atn.PredictionMode import PredictionMode
+        from latex2sympy2_extended import latex2sympy2 as l2s
+
+        cls = l2s._Latex2Sympy
+        ll_create, ll_parse = cls.create_parser, cls.parse
+    except (ImportError, AttributeError):
+        return
+    if getattr(cls, "_two_stage", False):
+        return
+
+    def create_parser(self: Any, latex_str: str) -> Any:
+        parser = ll_create(self, latex_str)
+        if getattr(self, "_sll_first", False):
+            parser._interp.predictionMode = PredictionMode.SLL
+        return parser
+
+    def parse(self: Any, latex_str: str) -> Any:
+        self._sll_first = True
+        try:
+            return ll_parse(self, latex_str)
+        except Exception:
+            pass
+        finally:
+            self._sll_first = False
+        return ll_parse(self, latex_str)
+
+    cls._ll_parse = ll_parse  # kept for the test that checks both paths agree
+    cls.create_parser, cls.parse, cls._two_stage = create_parser, parse, True
+
+
 @functools.lru_cache(maxsize=8192)
 def _parse_reference(answer: str) -> list[Any]:
     """Parse a reference answer once: the trainer scores n samples of each prompt against the same one."""
     from math_verify import parse
 
+    _use_two_stage_latex_parsing()
     text = answer.strip()
     if "$" not in text and BOXED not in text:
         # A bare reference like "\\frac{1}{2}" or "[1, 2)": math-verify finds LaTeX inside math delimiters.
@@ -97,13 +175,26 @@ def _parse_reference(answer: str) -> list[Any]:
     return parse(text, parsing_timeout=None)
 
 
+@functools.lru_cache(maxsize=8192)
+def _parse_prediction(content: str) -> list[Any]:
+    """Parse a boxed answer; cached, since the samples of one prompt often agree on an answer."""
+    from math_verify import parse
+
+    _use_two_stage_latex_parsing()
+
+    return parse(f"{BOXED}{{{content}}}", parsing_timeout=None)
+
+
+@functools.lru_cache(maxsize=8192)
 def _verify(content: str, answer: str) -> bool:
-    from math_verify import parse, verify
+    """Cached too: a group's samples repeat answers, and a symbolic comparison can cost ~100 ms. A deadline
+    exception is not cached (lru_cache stores only returned values)."""
+    from math_verify import verify
 
     gold = _parse_reference(answer)
     if not gold:
         return False
-    pred = parse(f"{BOXED}{{{content}}}", parsing_timeout=None)
+    pred = _parse_prediction(content)
     if not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=None))
@@ -159,6 +250,9 @@ def math_reward_detail(
         ref = ref.encode("utf-8", errors="ignore").decode("utf-8")
         if content.strip() and _squash(content) == _squash(ref):
             return True, "ok"  # the common exact case needs no SymPy
+        shortcut = _numeric_shortcut(content, ref)
+        if shortcut is not None:
+            return (True, "ok") if shortcut else (False, "wrong")
         ok = _call_with_deadline(_verify, timeout, content, ref)
         return (True, "ok") if ok else (False, "wrong")
     except _Deadline:

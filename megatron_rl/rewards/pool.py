@@ -36,7 +36,7 @@ from megatron_rl.rewards.code_reward import (
     _wall_timeout,
     parse_tests,
 )
-from megatron_rl.rewards.math_reward import DEFAULT_MATH_TIMEOUT
+from megatron_rl.rewards.math_grader import DEFAULT_MATH_TIMEOUT
 from megatron_rl.rewards.sandbox import (
     INSTALL_HINT,
     SandboxLimits,

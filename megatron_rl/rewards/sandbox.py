@@ -49,8 +49,12 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    memory_mb: int = 1024  # RLIMIT_AS of every process in the sandbox
-    processes: int = 64  # RLIMIT_NPROC for the sandbox uid (bwrap and the driver count too)
+    memory_mb: int = (
+        1024  # RLIMIT_AS of each process, and the driver's cap on the sandbox's total resident memory
+    )
+    processes: int = (
+        32  # RLIMIT_NPROC for the sandbox uid: processes and threads, bwrap and the driver included
+    )
     file_size_mb: int = 16  # RLIMIT_FSIZE: also caps a test's captured stdout
     open_files: int = 128  # RLIMIT_NOFILE
     tmpfs_mb: int = 64  # size of each of the private /tmp and /sandbox
@@ -205,9 +209,22 @@ class Sandbox:
         os.makedirs(self.harness, mode=0o711)
         os.chmod(self.dir, 0o711)
         os.chmod(self.harness, 0o711)  # traversable (bwrap binds it as the sandbox uid), not listable
-        shutil.copyfile(DRIVER_SOURCE, os.path.join(self.harness, "driver.py"))
-        os.chmod(os.path.join(self.harness, "driver.py"), 0o644)
+        self._compile_driver()
         self.runs = 0
+
+    def _compile_driver(self) -> None:
+        """Byte-compile the driver once with the sandbox's python: compiling its source on every run would
+        cost ~5 ms per program (the harness dir is read-only inside, so python could not cache it there)."""
+        src = os.path.join(self.harness, "driver.py")
+        shutil.copyfile(DRIVER_SOURCE, src)
+        code = "import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)"
+        proc = subprocess.run(
+            [self.python, "-I", "-c", code, src, src + "c"], capture_output=True, text=True, timeout=60
+        )
+        if proc.returncode != 0:
+            raise SandboxUnavailable(f"{self.python} cannot compile the sandbox driver: {proc.stderr[-500:]}")
+        for name in ("driver.py", "driver.pyc"):
+            os.chmod(os.path.join(self.harness, name), 0o644)
 
     @property
     def sandboxed(self) -> bool:
@@ -246,7 +263,7 @@ class Sandbox:
             "--remount-ro", "/",  # the root itself (bwrap's tmpfs) is not a place to write either
             "--chdir", "/sandbox",
             "--",
-            self.python, "-I", "-B", "/harness/driver.py", style, "/harness", "/tmp",
+            self.python, "-I", "-B", "/harness/driver.pyc", style, "/harness", "/tmp",
         ]  # fmt: skip
 
     def _prepare(self, program: str) -> None:
@@ -275,14 +292,20 @@ class Sandbox:
         spec: dict,
         wall_timeout: float,
         on_record: Callable[[dict], bool] | None = None,
+        secret: dict | None = None,
     ) -> RunResult:
         """Run program with the driver in `style`; feed it spec; pass each result record to on_record.
 
-        on_record returns False to stop the run (the first failing test): the sandbox is then killed at once.
+        spec is what the driver may know before the solution starts; secret (the check code of the check
+        style) is sent after the solution's process was forked. on_record returns False to stop the run (the
+        first failing test): the sandbox is then killed at once.
         """
         self.runs += 1
         self._prepare(program)
-        spec_bytes = marshal.dumps(spec, 4)  # marshal: the driver decodes it without importing json
+        # marshal: the driver decodes it without importing json (whose import alone costs ~5 ms per run)
+        spec = {**spec, "memory_kb": self.limits.memory_mb * 1024}  # the driver's budget for all processes
+        frames = [marshal.dumps(spec, 4), marshal.dumps(secret or {}, 4)]
+        spec_bytes = b"".join(len(f).to_bytes(8, "little") + f for f in frames)
         cpu_seconds = int(wall_timeout) + 1
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         run_dir = None
@@ -290,7 +313,7 @@ class Sandbox:
             argv, cwd = self._bwrap_argv(style), "/"
         else:
             run_dir = self._fresh_run_dir()
-            driver = os.path.join(self.harness, "driver.py")
+            driver = os.path.join(self.harness, "driver.pyc")
             argv = [self.python, "-I", "-B", driver, style, self.harness, run_dir]
             cwd = run_dir
         kwargs: dict = {}

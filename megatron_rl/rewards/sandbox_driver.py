@@ -3,9 +3,11 @@
     python3 -I -B sandbox_driver.py STYLE HARNESS_DIR IO_DIR
 
 STYLE is "stdin", "functional" or "check". HARNESS_DIR (read-only) holds program.py, the untrusted solution.
-The test spec arrives on stdin as one marshal'd dict (version 4); results leave on stdout as JSON lines:
+The spec arrives on stdin as two frames (8-byte little-endian length + marshal v4 dict): the public part
+(timeout, inputs, fn_name, entry_point, prelude), then the secret part (the check code). Results leave on
+stdout as JSON lines:
     {"i": k, "ok": true, "out": "..."}      stdin test k ran; "out" is its stdout, judged outside the sandbox
-    {"i": k, "ok": true, "ret": "<json>"}   functional test k returned; "ret" is its JSON, judged outside
+    {"i": k, "ok": true, "ret": "<repr>"}   functional test k returned; "ret" is repr(value), judged outside
     {"i": k, "ok": false, "why": "..."}     test k crashed, timed out or could not be serialised
     {"check": true | false, "why": "..."}   check style: the trusted check() returned (or raised)
     {"done": true}
@@ -15,7 +17,8 @@ the channel and the spec pipe and point fds 0-2 elsewhere. The driver makes itse
 children (same uid, no capabilities) can neither ptrace it nor open /proc/1/fd/* or /proc/1/mem; as pid 1 of a
 pid namespace it also ignores their signals. Expected outputs of stdin and functional tests never enter the
 sandbox, so no child can learn them. For the check style (HumanEval-like `check(candidate)` code, which holds
-the expected values) the call server is forked BEFORE the spec is read: its memory never held the test code.
+the expected values) the call server is forked BEFORE the secret frame is read: its memory never held the
+test code.
 The check runs here against a proxy whose calls cross a pipe as Python literals (repr -> ast.literal_eval),
 so the solution can neither see the checks nor hand back an object that claims to equal everything.
 """
@@ -43,6 +46,8 @@ SIGNAL_NAMES = {
 }
 SIGNAL_NAMES.update({15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ", 31: "SIGSYS"})
 READ_CHUNK = 1 << 20
+WATCH_INTERVAL = 0.02  # seconds between checks of the sandbox's total memory
+MEMORY_BUDGET_KB = [0]  # total resident memory allowed to the whole sandbox; 0: no watch (set from the spec)
 MAX_REPLY = 64 << 20  # a call result larger than this is a failure, not something to buffer
 
 
@@ -144,8 +149,32 @@ def _run_module(code, name: str) -> int:
         return 1
 
 
+def _sandbox_rss_kb() -> int:
+    """Resident memory of every process in the sandbox (its own pid namespace: /proc lists only those)."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/statm", "rb") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+def _over_memory_budget() -> bool:
+    """RLIMIT_AS caps each process, but 30 processes of 1 GB each would still sink the host: the driver, as
+    pid 1, also watches the total, and kills every other process of the sandbox when it is exceeded."""
+    if not MEMORY_BUDGET_KB[0] or os.getpid() != 1:
+        return False
+    if _sandbox_rss_kb() <= MEMORY_BUDGET_KB[0]:
+        return False
+    _clear_namespace()
+    return True
+
+
 def _wait_child(pid: int, timeout: float) -> tuple:
-    """Wait for a child with a wall-clock limit: (wait status, timed_out). Kills it on timeout."""
+    """Wait for a child under a wall-clock limit: (wait status, None | "timeout" | "memory")."""
     deadline = time.monotonic() + timeout
     pidfd = None
     try:
@@ -160,11 +189,13 @@ def _wait_child(pid: int, timeout: float) -> tuple:
             left = deadline - time.monotonic()
             if left <= 0:
                 os.kill(pid, SIGKILL)
-                return os.waitpid(pid, 0)[1], True
+                return os.waitpid(pid, 0)[1], "timeout"
             if pidfd is not None:
-                select.select([pidfd], [], [], left)
+                select.select([pidfd], [], [], min(left, WATCH_INTERVAL))
             else:
                 time.sleep(min(left, 0.005))
+            if _over_memory_budget():
+                return os.waitpid(pid, 0)[1], "memory"
     finally:
         if pidfd is not None:
             os.close(pidfd)
@@ -249,10 +280,13 @@ def run_stdin_tests(code, tests: list, timeout: float, cpu_seconds: int, iodir: 
                 _flush_and_exit(status)
         for fd in (in_fd, out_fd, err_fd):
             os.close(fd)
-        status, timed_out = _wait_child(pid, timeout)
+        status, over = _wait_child(pid, timeout)
         _clear_namespace()
-        if timed_out:
+        if over == "timeout":
             chan.send(i=i, ok=False, why="timeout")
+            return
+        if over == "memory":
+            chan.send(i=i, ok=False, why="memory limit exceeded")
             return
         if status != 0:
             chan.send(i=i, ok=False, why=_describe_status(status), stderr=_tail(err_path))
@@ -264,9 +298,9 @@ def run_stdin_tests(code, tests: list, timeout: float, cpu_seconds: int, iodir: 
 
 # --------------------------------------------------------------------------------------------------
 # function calls: one long-lived child (the call server) loads the solution once and answers calls over pipes.
-# Request (driver -> server): 8-byte length + marshal'd (fn_name, encoding, args_text).
-# Reply (server -> driver): b"ok <n>\n" or b"err <n>\n", then n bytes of UTF-8 text. The driver parses replies
-# by hand: they come from untrusted code.
+# Request (driver -> server): 8-byte length + marshal'd (fn_name, args, kwargs): plain values, exact types.
+# Reply (server -> driver): b"ok <n>\n" or b"err <n>\n", then n bytes of UTF-8: repr(result) or the error.
+# The driver parses replies by hand and never unmarshals them: they come from untrusted code.
 
 
 def _find_callable(namespace: dict, name: str):
@@ -310,21 +344,11 @@ def _serve_calls(program_path: str, req_fd: int, resp_fd: int) -> None:
     reply(True, "")
     while True:
         try:
-            fn_name, enc, args_text = marshal.loads(read_exact(int.from_bytes(read_exact(8), "little")))
+            fn_name, args, kwargs = marshal.loads(read_exact(int.from_bytes(read_exact(8), "little")))
         except EOFError:
             return
         try:
-            fn = _find_callable(namespace, fn_name)
-            if enc == "json":  # LiveCodeBench: one JSON value per line, one line per argument
-                import json
-
-                args = [json.loads(a) for a in args_text.split("\n") if a.strip()]
-                result = json.dumps(fn(*args))
-            else:  # check style: arguments and result as Python literals
-                import ast
-
-                args, kwargs = ast.literal_eval(args_text)
-                result = repr(fn(*args, **kwargs))
+            result = repr(_find_callable(namespace, fn_name)(*args, **kwargs))
             sys.stdout.flush()
             reply(True, result)
         except BaseException as e:
@@ -362,7 +386,10 @@ class CallServer:
             if left <= 0:
                 self.kill()
                 raise TimeoutError("timeout")
-            if not select.select([self.resp_r], [], [], left)[0]:
+            if not select.select([self.resp_r], [], [], min(left, WATCH_INTERVAL))[0]:
+                if _over_memory_budget():
+                    self.kill()
+                    raise MemoryError("memory limit exceeded")
                 continue
             chunk = os.read(self.resp_r, READ_CHUNK)
             if not chunk:
@@ -395,11 +422,11 @@ class CallServer:
         if not ok:
             raise RuntimeError(text)
 
-    def call(self, fn: str, enc: str, args: str, timeout: float) -> tuple:
-        """(ok, text): the call's encoded result, or the error it raised."""
+    def call(self, fn: str, args: list, kwargs: dict, timeout: float) -> tuple:
+        """(ok, text): repr of the call's result, or the error it raised."""
         if not self.alive:
             raise RuntimeError("the solution process died")
-        payload = marshal.dumps((fn, enc, args), 4)
+        payload = marshal.dumps((fn, args, kwargs), 4)  # ValueError for anything but plain values
         data = memoryview(len(payload).to_bytes(8, "little") + payload)
         deadline = time.monotonic() + timeout
         try:
@@ -436,7 +463,7 @@ def run_functional_tests(
         return
     for i, test in enumerate(tests):
         try:
-            ok, text = server.call(fn_name, "json", test, timeout)
+            ok, text = server.call(fn_name, test, {}, timeout)
         except Exception as e:
             chan.send(i=i, ok=False, why=str(e)[:500])
             return
@@ -446,58 +473,80 @@ def run_functional_tests(
         chan.send(i=i, ok=True, ret=text)
 
 
-def run_check(server: CallServer, spec: dict, timeout: float, chan: Channel) -> None:
-    """HumanEval style: trusted prelude + test code here; the candidate is a proxy to the call server."""
+def run_check(server: CallServer, namespace: dict, public: dict, secret: dict, chan: Channel) -> None:
+    """HumanEval style: trusted test code here, in the namespace of the (already run) trusted prelude; the
+    candidate is a proxy to the call server. Values cross as plain data: marshal out, repr -> literal back."""
     import ast
 
+    timeout = float(public["timeout"])
     deadline = time.monotonic() + timeout
-    entry_point = spec["entry_point"]
+    entry_point = public["entry_point"]
 
     def candidate(*args, **kwargs):
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("timeout")
-        text = repr((list(args), kwargs))
-        ast.literal_eval(text)  # only plain literals cross: the other side must rebuild exactly these values
-        ok, reply = server.call(entry_point, "repr", text, left)
+        ok, reply = server.call(entry_point, list(args), kwargs, left)
         if not ok:
             raise RuntimeError(f"the solution raised {reply}")
         return ast.literal_eval(reply)
 
     try:
+        if "__prelude_error__" in namespace:
+            raise namespace["__prelude_error__"]
         server.wait_ready(timeout)
-        namespace = {"__name__": "__check__", "__builtins__": builtins}
-        exec(compile(spec.get("prelude", ""), "prelude.py", "exec"), namespace)
         namespace[entry_point] = candidate  # a check may call the function by name, not only as candidate
-        exec(compile(spec["test"], "test.py", "exec"), namespace)
-        namespace[spec.get("check_fn", "check")](candidate)
+        exec(compile(secret["test"], "test.py", "exec"), namespace)
+        namespace[public.get("check_fn", "check")](candidate)
     except BaseException as e:
         chan.send(check=False, why=f"{type(e).__name__}: {e}"[:500])
         return
     chan.send(check=True)
 
 
-def _read_spec() -> dict:
+def _read_exact(fd: int, n: int) -> bytes:
     chunks = []
-    while True:
-        chunk = os.read(0, READ_CHUNK)
+    while n:
+        chunk = os.read(fd, min(n, READ_CHUNK))
         if not chunk:
-            break
+            raise EOFError("the spec was cut short")
         chunks.append(chunk)
-    return marshal.loads(b"".join(chunks))
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_frame() -> dict:
+    return marshal.loads(_read_exact(0, int.from_bytes(_read_exact(0, 8), "little")))
+
+
+def _run_prelude(source: str) -> dict:
+    """Check style: run the trusted prelude (HumanEval: the prompt) before the call server is forked, so its
+    imports (typing, math, ...) are loaded once for both processes."""
+    import ast  # noqa: F401  (loaded here once: run_check needs it)
+
+    namespace = {"__name__": "__check__", "__builtins__": builtins}
+    try:
+        exec(compile(source, "prelude.py", "exec"), namespace)
+    except BaseException as e:
+        namespace["__prelude_error__"] = e
+    return namespace
 
 
 def main() -> None:
     style, harness, iodir = sys.argv[1:4]
     _signal.signal(2, _signal.SIG_DFL)  # SIGINT: as pid 1, a signal with no handler cannot reach us
-    _make_undumpable()
     chan = Channel()
     program_path = os.path.join(harness, "program.py")
-    # Fork the call server before the spec (which may hold check code and its expected values) is read.
+    _make_undumpable()
+    public = _read_frame()
+    MEMORY_BUDGET_KB[0] = int(public.get("memory_kb", 0))
+    namespace = _run_prelude(public.get("prelude", "")) if style == "check" else None
+    # Fork the call server before the secret frame (check code and its expected values) is read.
     server = CallServer(program_path, iodir) if style in ("functional", "check") else None
-    spec = _read_spec()
+    secret = _read_frame()
     os.close(0)
-    timeout = float(spec["timeout"])
+    timeout = float(public["timeout"])
+    spec = public
     if style == "stdin":
         try:
             with open(program_path, encoding="utf-8", errors="surrogateescape") as f:
@@ -509,7 +558,7 @@ def main() -> None:
     elif style == "functional":
         run_functional_tests(server, spec["fn_name"], spec["inputs"], timeout, chan)
     elif style == "check":
-        run_check(server, spec, timeout, chan)
+        run_check(server, namespace, public, secret, chan)
     if server is not None:
         server.kill()
     chan.send(done=True)

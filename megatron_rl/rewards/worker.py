@@ -17,7 +17,7 @@ import tempfile
 from typing import Any, BinaryIO
 
 from megatron_rl.rewards.code_reward import CodeResult, extract_code, score_program
-from megatron_rl.rewards.math_reward import math_reward_detail
+from megatron_rl.rewards.math_grader import math_reward_detail
 from megatron_rl.rewards.sandbox import (
     Sandbox,
     SandboxLimits,
