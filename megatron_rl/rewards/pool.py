@@ -222,6 +222,26 @@ class RewardPool:
         """Score payloads; item i may take item_limits[i] seconds (+ a margin) before its worker is killed."""
         if self._closed:
             raise RuntimeError("the RewardPool is closed")
+        try:
+            return self._schedule(kind, payloads, opts, item_limits, chunk_size, failure)
+        except BaseException:
+            # Interrupted mid-batch (KeyboardInterrupt, a fatal sandbox error): workers still busy with this
+            # batch would answer the next one with stale results. Replace them.
+            for worker in list(self._workers):
+                if worker.chunk:
+                    worker.chunk = []
+                    self._replace(worker)
+            raise
+
+    def _schedule(
+        self,
+        kind: str,
+        payloads: Sequence[Any],
+        opts: dict,
+        item_limits: Sequence[float],
+        chunk_size: int,
+        failure: Any,
+    ) -> list[Any]:
         n = len(payloads)
         results: list[Any] = [None] * n
         queue: collections.deque[list[int]] = collections.deque(

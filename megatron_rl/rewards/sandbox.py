@@ -201,7 +201,12 @@ class Sandbox:
         if not os.path.exists(python):
             raise SandboxUnavailable(f"{python} is missing: the sandbox runs programs with the system python")
         self.python = python
-        # Root runs programs as a uid of their own; anyone else can only use their own uid.
+        # Root runs programs as a uid of their own (never as root: root ignores RLIMIT_NPROC, and more);
+        # anyone else can only use their own uid.
+        self._lease: UidLease | None = None
+        if is_root() and uid is None:
+            self._lease = UidLease.acquire()
+            uid = self._lease.uid
         self.uid = uid if is_root() else None
         self.dir = os.path.join(root_dir, f"w{uid if uid is not None else os.getpid()}")
         self.harness = os.path.join(self.dir, "harness")
@@ -232,6 +237,10 @@ class Sandbox:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._lease is not None:
+            kill_uid_processes(self._lease.uid)
+            self._lease.release()
+            self._lease = None
 
     # -- building the command ----------------------------------------------------------------------
 
