@@ -8,13 +8,15 @@ truncated at the cap) scaled to the model's context. One training step is forwar
 policy-gradient loss over all micro-batches of that batch, done two ways on the same sequences:
 
 - packed: `pack_microbatches` under `--budget-factor` x the longest possible sequence, THD forward;
-- padded: the same sequences in rollout order, cut into as many micro-batches as packing made (so the same
-  number of sequences per micro-batch on average), each right-padded to its longest sequence (the unpacked
-  `response_logprobs` path).
+- padded: the same sequences in rollout order, ceil(sequences / packed micro-batches) per micro-batch (the
+  packed micro-batches' mean number of sequences), each micro-batch right-padded to its longest sequence
+  (the unpacked `response_logprobs` path).
 
-Each is timed as the median over `--reps` steps (after one warm-up step each, interleaved). tokens/s counts
-real (prompt + response) tokens, so the ratio is the ratio of step times. The last line printed is one JSON
-object with real_token_fraction and speedup_vs_padded (the smallest over the models) and per-model details.
+Each is timed as the median over `--reps` steps, after one warm-up step each, the two ways interleaved so
+that changes in machine load hit both alike. tokens/s counts real (prompt + response) tokens, so the ratio
+is the ratio of step times. The last line printed is one JSON object with real_token_fraction (real tokens
+over all tokens of the packed micro-batches), budget_fill (real tokens over micro-batches x budget) and
+speedup_vs_padded, each the smallest over the models, then per-model details.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ MODELS = {
             intermediate_size=3072,
         ),
         num_samples=16,
-        max_prompt=32,
-        max_response=480,
+        max_prompt=16,
+        max_response=240,
     ),
 }
 
@@ -127,7 +129,13 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
 
     mbs = pack_microbatches(prompts, responses, budget)
     padded = padded_batches(spec.num_samples, len(mbs))
-    padded_tokens = sum(len(b) * max(prompt_lens[i] + response_lens[i] for i in b) for b in padded)
+    lengths = [p + r for p, r in zip(prompt_lens, response_lens, strict=True)]
+    padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
+    # For reference (not timed): a padded trainer sized for the worst case fits only budget // max_len
+    # sequences per micro-batch; its padding, counted the same way.
+    per_mb = max(1, budget // max_len)
+    capped = [list(range(i, min(i + per_mb, len(lengths)))) for i in range(0, len(lengths), per_mb)]
+    capped_tokens = sum(len(b) * max(lengths[i] for i in b) for b in capped)
 
     def packed_step() -> float:
         model.zero_grad(set_to_none=True)
@@ -154,15 +162,19 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
             total += loss.item()
         return total
 
-    times: dict[str, list[float]] = {"packed": [], "padded": []}
+    packed_step()  # warm-up: one full step each way (the allocator sees every shape once)
+    padded_step()
+    wall: dict[str, list[float]] = {"packed": [], "padded": []}
+    cpu: dict[str, list[float]] = {"packed": [], "padded": []}
     losses: dict[str, float] = {}
-    for rep in range(reps + 1):  # rep 0 warms up; the two ways alternate so drift hits both alike
+    for _ in range(reps):  # the two ways alternate so that drift in machine load hits both alike
         for name, step in (("packed", packed_step), ("padded", padded_step)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             losses[name] = step()
-            if rep:
-                times[name].append(time.perf_counter() - start)
-    packed_s, padded_s = statistics.median(times["packed"]), statistics.median(times["padded"])
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    packed_s, padded_s = statistics.median(wall["packed"]), statistics.median(wall["padded"])
+    packed_cpu, padded_cpu = statistics.median(cpu["packed"]), statistics.median(cpu["padded"])
     return {
         "model": spec.name,
         "params": num_params,
@@ -182,11 +194,17 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
         "padded_sequences_per_microbatch": len(padded[0]),
         "padded_tokens": padded_tokens,
         "padded_real_token_fraction": round(real_tokens / padded_tokens, 4),
+        "worst_case_padded_sequences_per_microbatch": per_mb,
+        "worst_case_padded_real_token_fraction": round(real_tokens / capped_tokens, 4),
         "packed_step_s": round(packed_s, 3),
         "padded_step_s": round(padded_s, 3),
         "packed_tokens_per_s": round(real_tokens / packed_s, 1),
         "padded_tokens_per_s": round(real_tokens / padded_s, 1),
         "speedup_vs_padded": round(padded_s / packed_s, 3),
+        # CPU seconds of this process (all its threads): less sensitive to other load on a shared machine.
+        "packed_step_cpu_s": round(packed_cpu, 3),
+        "padded_step_cpu_s": round(padded_cpu, 3),
+        "speedup_vs_padded_cpu_time": round(padded_cpu / packed_cpu, 3),
         "loss_abs_diff": abs(losses["packed"] - losses["padded"]),
         "reps": reps,
     }
@@ -207,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
     if torch.cuda.is_available():
         device = f"{torch.cuda.get_device_name()} ({device})"
-    print(f"device: {device}", flush=True)
+    print(f"device: {device}; load average {os.getloadavg()[0]:.2f}", flush=True)
     print(
         "padded = the same sequences in rollout order, ceil(n / packed micro-batches) per micro-batch, each "
         "micro-batch right-padded to its longest sequence; tokens/s counts real (prompt + response) tokens",
@@ -233,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "real_token_fraction": min(r["real_token_fraction"] for r in results),
         "budget_fill": min(r["budget_fill"] for r in results),
         "speedup_vs_padded": min(r["speedup_vs_padded"] for r in results),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "results": results,
     }
     print(json.dumps(summary), flush=True)
@@ -242,12 +261,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _summary_line(r: dict) -> str:
     return (
         f"{r['model']} ({r['params'] / 1e6:.1f}M params): {r['num_sequences']} sequences, mean "
-        f"{r['mean_sequence_length']} tokens, max {r['max_prompt'] + r['max_response']} | packed: "
-        f"{r['packed_microbatches']} micro-batches <= {r['max_tokens_per_microbatch']} tokens, real "
-        f"{r['real_token_fraction']:.1%} (budget fill {r['budget_fill']:.1%}), "
-        f"{r['packed_tokens_per_s']} tok/s | padded: {r['padded_microbatches']} x {r['padded_sequences_per_microbatch']} sequences, real "
-        f"{r['padded_real_token_fraction']:.1%}, {r['padded_tokens_per_s']} tok/s | speedup "
-        f"{r['speedup_vs_padded']}x"
+        f"{r['mean_sequence_length']} tokens, max {r['max_prompt'] + r['max_response']}\n"
+        f"  packed: {r['packed_microbatches']} micro-batches <= {r['max_tokens_per_microbatch']} tokens, "
+        f"real {r['real_token_fraction']:.1%} of their tokens (budget fill {r['budget_fill']:.1%}), "
+        f"step {r['packed_step_s']} s, {r['packed_tokens_per_s']} tok/s\n"
+        f"  padded: {r['padded_microbatches']} x {r['padded_sequences_per_microbatch']} sequences, "
+        f"real {r['padded_real_token_fraction']:.1%} of their tokens, "
+        f"step {r['padded_step_s']} s, {r['padded_tokens_per_s']} tok/s (not timed: at "
+        f"{r['worst_case_padded_sequences_per_microbatch']} sequences per micro-batch, the most that fit the "
+        f"budget at the maximum length, real {r['worst_case_padded_real_token_fraction']:.1%})\n"
+        f"  speedup {r['speedup_vs_padded']}x wall, {r['speedup_vs_padded_cpu_time']}x CPU time; "
+        f"|loss packed - padded| = {r['loss_abs_diff']:.1e}"
     )
 
 

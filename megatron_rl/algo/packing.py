@@ -15,7 +15,7 @@ share. All ranks get the same number of micro-batches, because the trainer steps
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
 
@@ -26,6 +26,7 @@ from kernels import logprob_entropy
 from megatron_rl.distributed import device
 
 IGNORE_INDEX = -100
+PerSample = float | Sequence[float] | torch.Tensor  # a scalar, or one value per response token
 
 
 @dataclass
@@ -262,12 +263,13 @@ def unpack_to_samples(
 
 
 def pack_values(
-    per_sample: Sequence[float | Sequence[float] | torch.Tensor], mb: PackedMicroBatch, fill: float = 0.0
+    per_sample: Sequence[PerSample] | Mapping[int, PerSample], mb: PackedMicroBatch, fill: float = 0.0
 ) -> torch.Tensor:
     """The inverse of `unpack`: a [T] fp32 tensor with each sample's response values on its span.
 
-    `per_sample` is indexed by global sample index; an entry is a scalar (e.g. the sample's advantage,
-    broadcast over its response) or one value per response token (e.g. old log-probs).
+    `per_sample` is indexed by global sample index (a list, or a dict such as `unpack_to_samples` returns);
+    an entry is a scalar (e.g. the sample's advantage, broadcast over its response) or one value per response
+    token (e.g. old log-probs).
     """
     out = torch.full((mb.num_tokens,), fill, dtype=torch.float32, device=mb.tokens.device)
     for i, (start, end) in zip(mb.sample_indices, mb.response_spans, strict=True):

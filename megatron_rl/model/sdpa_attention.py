@@ -59,7 +59,8 @@ class SDPACoreAttention(MegatronModule):
     ) -> torch.Tensor:
         # Megatron passes [s, b, n, d] (or [t, 1, n, d] squeezed to [t, n, d] for packed THD input).
         packed = packed_seq_params is not None
-        if query.dim() == 3:
+        thd = query.dim() == 3
+        if thd:
             query, key, value = (x.unsqueeze(1) for x in (query, key, value))
         s_q, b = query.shape[0], query.shape[1]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, d]
@@ -75,9 +76,7 @@ class SDPACoreAttention(MegatronModule):
                 q, k, v, is_causal=True, dropout_p=dropout, scale=self.softmax_scale
             )
         out = out.permute(2, 0, 1, 3).reshape(s_q, b, self.heads_per_partition * self.head_dim)
-        if packed:
-            out = out.squeeze(1) if out.shape[1] == 1 and query.dim() == 3 else out
-        return out
+        return out.squeeze(1) if thd else out
 
     def _packed_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, dropout: float
@@ -89,20 +88,20 @@ class SDPACoreAttention(MegatronModule):
         cu_seqlens[-1] attend only to themselves.
         """
         bounds = cu_seqlens.tolist()
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        tail = q.shape[2] - bounds[-1]
+        # split, not slicing: its backward is one concatenation, where each slice's backward would write a
+        # zero-filled gradient of the whole packed row (quadratic in the number of sequences).
+        pieces = [x.split(lengths + [tail], dim=2) for x in (q, k, v)]
         parts = [
             F.scaled_dot_product_attention(
-                q[:, :, a:b],
-                k[:, :, a:b],
-                v[:, :, a:b],
-                is_causal=True,
-                dropout_p=dropout,
-                scale=self.softmax_scale,
+                qi, ki, vi, is_causal=True, dropout_p=dropout, scale=self.softmax_scale
             )
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-            if b > a
+            for qi, ki, vi, n in zip(*pieces, lengths, strict=False)
+            if n > 0
         ]
-        if bounds[-1] < q.shape[2]:
-            parts.append(v[:, :, bounds[-1] :])
+        if tail:
+            parts.append(pieces[2][-1])
         return torch.cat(parts, dim=2)
 
 
