@@ -63,6 +63,10 @@ def test_extract_code() -> None:
     assert extract_code("</think>```py\nx = 1\n```") == "x = 1\n"
     assert extract_code("</think>```cpp\nint main(){}\n```") is None
     assert extract_code("</think>```python\nprint(1)\n") is None  # unterminated: truncated response
+    assert extract_code("</think>```\nplain\n```\n```Python \nx = 2\n```") == "x = 2\n"
+    start = time.monotonic()
+    assert extract_code("</think>" + "```python\n" * 100_000) is None  # linear, even with 100k open fences
+    assert time.monotonic() - start < 1.0
 
 
 def test_stdout_matching() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,15 +27,28 @@ DEFAULT_TEST_TIMEOUT = 6.0  # seconds per test (LiveCodeBench's default)
 START_ALLOWANCE = 5.0  # seconds for sandbox + interpreter start-up and loading the solution, per program
 MAX_PROGRAM_SECONDS = 120.0  # wall-clock cap for one problem's whole run, however many tests it has
 
-_FENCE = re.compile(r"```(?:python3?|py)[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_FENCE = "```"
+_PYTHON_TAGS = ("python", "python3", "py")
 
 
 def extract_code(response: str) -> str | None:
-    """The last ```python fenced block after </think> (in the whole response if there is no </think>)."""
-    blocks = _FENCE.findall(final_answer_region(response))
-    if not blocks or not blocks[-1].strip():
-        return None
-    return blocks[-1]
+    """The last ```python fenced block after </think> (in the whole response if there is no </think>).
+
+    Fences are paired in order (opening, closing, opening, ...), one linear pass: a regex search would go
+    quadratic on a response full of unclosed fences. An unclosed last block (a truncated response) is no code.
+    """
+    region = final_answer_region(response)
+    fences = []
+    i = region.find(_FENCE)
+    while i >= 0:
+        fences.append(i)
+        i = region.find(_FENCE, i + len(_FENCE))
+    code = None
+    for start, end in zip(fences[0::2], fences[1::2], strict=False):  # an odd last fence is unclosed
+        header_end = region.find("\n", start, end)
+        if header_end >= 0 and region[start + len(_FENCE) : header_end].strip().lower() in _PYTHON_TAGS:
+            code = region[header_end + 1 : end]
+    return code if code and code.strip() else None
 
 
 @dataclass(frozen=True)
