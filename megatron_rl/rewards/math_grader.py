@@ -167,7 +167,6 @@ def _parse_reference(answer: str) -> list[Any]:
     """Parse a reference answer once: the trainer scores n samples of each prompt against the same one."""
     from math_verify import parse
 
-    _use_two_stage_latex_parsing()
     text = answer.strip()
     if "$" not in text and BOXED not in text:
         # A bare reference like "\\frac{1}{2}" or "[1, 2)": math-verify finds LaTeX inside math delimiters.
@@ -179,8 +178,6 @@ def _parse_reference(answer: str) -> list[Any]:
 def _parse_prediction(content: str) -> list[Any]:
     """Parse a boxed answer; cached, since the samples of one prompt often agree on an answer."""
     from math_verify import parse
-
-    _use_two_stage_latex_parsing()
 
     return parse(f"{BOXED}{{{content}}}", parsing_timeout=None)
 
@@ -198,6 +195,29 @@ def _verify(content: str, answer: str) -> bool:
     if not pred:
         return False
     return bool(verify(gold, pred, timeout_seconds=None))
+
+
+_READY: list[bool] = []
+_WARM_UP = [  # one of each kind of comparison, so that SymPy's lazily imported submodules are loaded
+    ("$x^2+2x+1$", r"\boxed{(x+1)^2}"),
+    ("$[1, 2)$", r"\boxed{[1,2)}"),
+    (r"$50\%$", r"\boxed{0.5}"),
+    (r"$\{1, 2\}$", r"\boxed{\sqrt{2}}"),
+]
+
+
+def _load_math_verify() -> None:
+    """Import math-verify and SymPy and run a few comparisons OUTSIDE any deadline: a deadline that fires in
+    the middle of an import (math-verify's first import takes ~0.6 s; SymPy imports submodules on first use)
+    would leave half-initialised modules behind and break every later sample of the process."""
+    if _READY:
+        return
+    from math_verify import parse, verify
+
+    _use_two_stage_latex_parsing()
+    for gold, pred in _WARM_UP:
+        verify(parse(gold, parsing_timeout=None), parse(pred, parsing_timeout=None), timeout_seconds=None)
+    _READY.append(True)
 
 
 def _call_with_deadline(fn: Any, seconds: float, *args: Any) -> Any:
@@ -253,6 +273,7 @@ def math_reward_detail(
         shortcut = _numeric_shortcut(content, ref)
         if shortcut is not None:
             return (True, "ok") if shortcut else (False, "wrong")
+        _load_math_verify()
         ok = _call_with_deadline(_verify, timeout, content, ref)
         return (True, "ok") if ok else (False, "wrong")
     except _Deadline:
