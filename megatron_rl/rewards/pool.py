@@ -50,6 +50,9 @@ from megatron_rl.rewards.sandbox import (
 logger = logging.getLogger(__name__)
 
 KILL_MARGIN = 3.0  # seconds past an item's own limit before the pool kills its worker
+# Extra time for a worker's first item: importing math-verify and SymPy (done outside the per-sample deadline)
+# or compiling the sandbox driver takes a second or more, and must not get a fresh worker killed.
+FIRST_ITEM_ALLOWANCE = 15.0
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
@@ -67,6 +70,7 @@ class _Worker:
     buf: bytearray = field(default_factory=bytearray)
     chunk: list[int] = field(default_factory=list)  # item indices sent, not yet answered
     deadline: float = math.inf
+    fresh: bool = True  # has not answered yet
 
 
 class RewardPool:
@@ -268,6 +272,8 @@ class RewardPool:
                 chunk = queue.popleft()
                 worker.chunk = list(chunk)
                 worker.deadline = time.monotonic() + item_limits[chunk[0]] + KILL_MARGIN
+                if worker.fresh:
+                    worker.deadline += FIRST_ITEM_ALLOWANCE
                 if not self._send(worker, (kind, [(i, payloads[i]) for i in chunk], opts)):
                     queue.appendleft(
                         chunk
@@ -305,6 +311,7 @@ class RewardPool:
                     else:
                         index, results[index] = frame
                     remaining -= 1
+                    worker.fresh = False
                     worker.chunk.remove(index)
                     if worker.chunk:
                         worker.deadline = time.monotonic() + item_limits[worker.chunk[0]] + KILL_MARGIN
