@@ -252,6 +252,16 @@ def test_pool_kills_and_replaces_a_hung_worker() -> None:
         assert pool.score_math([r"\boxed{3}"], ["3"]) == [1.0]
 
 
+def test_pool_replaces_a_worker_that_died_between_batches() -> None:
+    with RewardPool(workers=2) as pool:
+        assert pool.score_math([r"\boxed{1}"] * 4, ["1"] * 4) == [1.0] * 4
+        victim = pool._workers[0].proc
+        victim.kill()  # a worker process this pool started
+        victim.wait()
+        assert pool.score_math([r"\boxed{1}", r"\boxed{2}"] * 4, ["1"] * 8) == [1.0, 0.0] * 4
+        assert all(w.proc.poll() is None for w in pool._workers)
+
+
 # -- the unsafe flag -------------------------------------------------------------------------------
 
 

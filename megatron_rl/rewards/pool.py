@@ -275,9 +275,8 @@ class RewardPool:
                 if worker.fresh:
                     worker.deadline += FIRST_ITEM_ALLOWANCE
                 if not self._send(worker, (kind, [(i, payloads[i]) for i in chunk], opts)):
-                    queue.appendleft(
-                        chunk
-                    )  # the worker was dead before it got the chunk: not its items' fault
+                    # The worker was dead before it got the chunk: not its items' fault.
+                    queue.appendleft(chunk)
                     worker.chunk = []
                     idle.append(self._replace(worker))
             busy = [w for w in self._workers if w.chunk]
@@ -288,11 +287,14 @@ class RewardPool:
             timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             for key, _ in self._sel.select(timeout):
                 worker = key.data
-                if not worker.chunk:
-                    continue
                 try:
                     data = os.read(key.fd, 1 << 20)
                 except BlockingIOError:
+                    continue
+                if not worker.chunk:  # an idle worker: it can only have died (EOF); swap in a fresh one
+                    if not data:
+                        fresh = self._replace(worker)
+                        idle = [fresh if w is worker else w for w in idle]
                     continue
                 if not data:
                     idle.append(give_up(worker, "worker_crash"))

@@ -50,12 +50,8 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    memory_mb: int = (
-        1024  # RLIMIT_AS of each process, and the driver's cap on the sandbox's total resident memory
-    )
-    processes: int = (
-        32  # RLIMIT_NPROC for the sandbox uid: processes and threads, bwrap and the driver included
-    )
+    memory_mb: int = 1024  # RLIMIT_AS per process, and the driver's cap on the sandbox's total RSS
+    processes: int = 32  # RLIMIT_NPROC of the sandbox uid: processes and threads, bwrap and driver included
     file_size_mb: int = 16  # RLIMIT_FSIZE: also caps a test's captured stdout
     open_files: int = 128  # RLIMIT_NOFILE
     tmpfs_mb: int = 64  # size of each of the private /tmp and /sandbox
@@ -268,7 +264,7 @@ class Sandbox:
         tmpfs = str(self.limits.tmpfs_mb << 20)
         return [
             self.bwrap,
-            "--unshare-all",  # user, ipc, pid, net, uts, cgroup: no network at all, not even loopback
+            "--unshare-all",  # user, ipc, pid, net, uts, cgroup: no network (only a loopback of its own)
             "--unshare-user",
             "--disable-userns",
             "--die-with-parent",
