@@ -276,6 +276,9 @@ def test_missing_bwrap_refuses_without_the_unsafe_flag(tmp_path, monkeypatch, ca
         with RewardPool(workers=1, allow_unsandboxed=True) as pool:
             assert pool.score_code([fenced(SUM_STDIN)], [SUM_TESTS]) == [1.0]
     assert "WITHOUT a sandbox" in caplog.text
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"response": fenced(SUM_STDIN), "tests": SUM_TESTS}) + "\n")
+    assert reward_main("code", str(rows), workers=1) == 3  # refuses, and says how to install bubblewrap
 
 
 # -- the command -----------------------------------------------------------------------------------

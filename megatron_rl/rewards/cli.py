@@ -15,7 +15,7 @@ from typing import Any
 
 from megatron_rl.rewards.code_reward import parse_tests
 from megatron_rl.rewards.pool import RewardPool
-from megatron_rl.rewards.sandbox import SandboxUnavailable
+from megatron_rl.rewards.sandbox import INSTALL_HINT, SandboxUnavailable, find_bwrap
 
 
 def _read_rows(path: str) -> list[tuple[dict | None, str | None]]:
@@ -99,6 +99,9 @@ def reward_main(
     except OSError as e:
         print(f"error: cannot read {input_path}: {e}", file=sys.stderr)
         return 2
+    if kind == "code" and not unsafe_no_sandbox and find_bwrap() is None:
+        print(f"error: {INSTALL_HINT}", file=sys.stderr)
+        return 3
     if unsafe_no_sandbox and kind == "code":
         print(
             "WARNING: --unsafe-no-sandbox: if bubblewrap is missing, programs run WITHOUT isolation",
