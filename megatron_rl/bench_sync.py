@@ -1,0 +1,203 @@
+"""Weight-sync benchmark, Megatron policy -> vLLM engine, on whatever device this runs on.
+
+    python -m megatron_rl.bench_sync            # or: megatron-rl bench sync
+
+For each model (the tiny one and a ~150M-parameter Qwen2-shaped one, random weights, built locally) this
+loads the Megatron policy and starts a vLLM engine from the same checkpoint, then times full weight syncs:
+export (Megatron parameters -> HF-named tensors in buckets) and push (serialise, send to the vLLM worker,
+per-tensor checksums both ways, in-place load). One warm-up sync, then the median of `--repeats`.
+
+Baselines, measured in the same run on the same bytes:
+- vLLM reloading the same weights from the checkpoint on disk (its own `reload_weights`, same in-place load
+  path; the file was just written, so it is read from the page cache);
+- a plain memcpy of the same number of bytes (the floor for moving them once in memory).
+
+Prints the device, a markdown table and, last, one JSON line with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+# Vocabulary is the tokenizer's 128, so the parameters sit in the layers. "150m" is the shape that
+# bench_packing uses too (145.0M parameters).
+MODELS: dict[str, dict] = {
+    "tiny": {},  # TinyShape defaults: the model the tests use
+    "150m": dict(
+        hidden_size=1024,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=64,
+        intermediate_size=3072,
+    ),
+}
+
+
+def machine() -> str:
+    """CPU model and usable cores; plus the GPU when there is one (vLLM and Megatron would use it)."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    text = f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
+    """One untimed warm-up call, then the median of `repeats` timed calls (ms) and all of them."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), times
+
+
+def _sender_checksum_ms(policy, bucket_bytes: int, repeats: int) -> float:
+    from megatron_rl.rollout.weight_sync import tensor_checksum
+
+    tensors = [t for bucket in policy.hf_buckets(bucket_bytes) for _, t in bucket]
+    return _median_ms(lambda: [tensor_checksum(t) for t in tensors], repeats)[0]
+
+
+def bench_model(name: str, repeats: int, bucket_bytes: int) -> dict:
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.model.tiny import TinyShape, write_tiny_checkpoint
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    with tempfile.TemporaryDirectory(prefix=f"benchsync_{name}_") as tmp:
+        model_dir = str(write_tiny_checkpoint(tmp, TinyShape(**MODELS[name]), seed=0))
+        policy = Policy.from_hf(model_dir)
+        engine = VLLMEngine(model_dir, seed=0)
+        try:
+            # Full syncs, export and push timed apart; the first one is the warm-up.
+            syncs = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                buckets = list(policy.hf_buckets(bucket_bytes))
+                exported = time.perf_counter()
+                report = engine.update_weights(buckets)  # raises if any checksum differs
+                done = time.perf_counter()
+                syncs.append(((exported - start) * 1e3, (done - exported) * 1e3, (done - start) * 1e3))
+                num_buckets = len(buckets)
+                del buckets
+            export_ms, push_ms, total_ms = (
+                statistics.median(column) for column in zip(*syncs[1:], strict=True)
+            )
+
+            # The push verifies each tensor by an exact checksum on both sides; time the sender's half apart,
+            # as it is a large part of the push on a CPU.
+            checksum_ms = _sender_checksum_ms(policy, bucket_bytes, repeats)
+
+            # No arguments: the worker reloads from the model path it started from (our checkpoint).
+            reload_ms, _ = _median_ms(lambda: engine.llm.collective_rpc("reload_weights"), repeats)
+
+            src = torch.ones(report.bytes, dtype=torch.uint8)  # ones, so the pages are really allocated
+            dst = torch.empty_like(src)
+            memcpy_ms, _ = _median_ms(lambda: dst.copy_(src), repeats)
+        finally:
+            engine.shutdown()
+        params = sum(p.numel() for p in policy.model.parameters())
+
+    mb = report.bytes / 1e6
+    return {
+        "params": params,
+        "tensors": report.tensors,
+        "mb": round(mb, 3),
+        "buckets": num_buckets,
+        "ms": round(total_ms, 2),
+        "mb_per_s": round(mb / total_ms * 1e3, 1),
+        "export_ms": round(export_ms, 2),
+        "push_ms": round(push_ms, 2),
+        "push_mb_per_s": round(mb / push_ms * 1e3, 1),
+        "checksum_sender_ms": round(checksum_ms, 2),
+        "sync_ms_all": [round(t, 2) for _, _, t in syncs[1:]],
+        "baseline_vllm_reload_from_disk_ms": round(reload_ms, 2),
+        "baseline_vllm_reload_from_disk_mb_per_s": round(mb / reload_ms * 1e3, 1),
+        "baseline_memcpy_ms": round(memcpy_ms, 3),
+        "baseline_memcpy_mb_per_s": round(mb / memcpy_ms * 1e3, 1),
+    }
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    rows = [
+        "| model | params | tensors | MB | what (median) | ms | MB/s |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for name, r in results.items():
+        lines = [
+            ("**full sync** (export + push)", r["ms"], r["mb_per_s"]),
+            ("export: Megatron -> HF tensors", r["export_ms"], None),
+            ("push: send + checksums + vLLM load", r["push_ms"], r["push_mb_per_s"]),
+            ("of which: sender-side checksums (timed apart)", r["checksum_sender_ms"], None),
+            (
+                "baseline: vLLM reload from disk",
+                r["baseline_vllm_reload_from_disk_ms"],
+                r["baseline_vllm_reload_from_disk_mb_per_s"],
+            ),
+            ("baseline: memcpy of the same bytes", r["baseline_memcpy_ms"], r["baseline_memcpy_mb_per_s"]),
+        ]
+        for i, (what, ms, rate) in enumerate(lines):
+            head = (
+                f"{name} | {r['params'] / 1e6:.2f}M | {r['tensors']} | {r['mb']:.1f}" if i == 0 else " | | |"
+            )
+            rows.append(f"| {head} | {what} | {ms:.2f} | {'' if rate is None else f'{rate:.0f}'} |")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-rl bench sync", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="tiny,150m", help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed syncs per model (after one warm-up)")
+    parser.add_argument("--bucket-mb", type=float, default=64.0, help="export bucket size in MiB")
+    parser.add_argument("--out", help="also write the JSON results to this path")
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown or not names or args.repeats < 1:
+        parser.error(f"--models must name some of {', '.join(MODELS)} and --repeats must be >= 1")
+
+    from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
+
+    device = machine()
+    load_before = os.getloadavg()[0]  # other jobs on a small machine skew the timings; say how busy it was
+    print(f"device: {device}; load average {load_before:.2f}", flush=True)
+    init_distributed(ParallelLayout(tp=1, pp=1))
+    try:
+        results = {name: bench_model(name, args.repeats, int(args.bucket_mb * (1 << 20))) for name in names}
+    finally:
+        shutdown()
+    summary = {
+        "device": device,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
+        "repeats": args.repeats,
+        "bucket_mb": args.bucket_mb,
+        "dtype": "float32",
+        "models": results,
+    }
+    print(markdown_table(results))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # vLLM spawns worker processes that re-import __main__; keep all work under this guard.
+    raise SystemExit(main())

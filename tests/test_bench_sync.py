@@ -1,0 +1,33 @@
+"""The weight-sync benchmark runs end to end on the tiny model and reports sane numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_sync_tiny_prints_results():
+    # A subprocess, as a user runs it: vLLM spawns its engine process, which re-imports __main__.
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_rl.bench_sync", "--models", "tiny", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("device: ")
+    assert any(line.startswith("| tiny |") for line in lines)
+    tiny = json.loads(lines[-1])["models"]["tiny"]
+    assert tiny["tensors"] == 27  # 3 outside the layers + 12 in each of the 2 layers
+    for key in (
+        "ms",
+        "mb_per_s",
+        "export_ms",
+        "push_ms",
+        "baseline_vllm_reload_from_disk_ms",
+        "baseline_memcpy_ms",
+    ):
+        assert tiny[key] > 0, key
+    assert tiny["mb"] > 2.0  # 525,440 fp32 parameters
