@@ -213,11 +213,17 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megatron-rl bench packing", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["tiny", "150m"])
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per way (median), after one warm-up")
+    parser.add_argument("--reps", type=int, default=5, help="timed steps per way (median), after one warm-up")
     parser.add_argument("--budget-factor", type=float, default=2.0, help="token budget / longest sequence")
     parser.add_argument("--num-samples", type=int, default=None, help="override each model's batch size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        # On a machine shared with other jobs, one thread avoids timing the other thread's waits.
+        torch.set_num_threads(args.threads)
 
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 
