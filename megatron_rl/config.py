@@ -33,6 +33,7 @@ class ModelCfg(Strict):
 
 class DataCfg(Strict):
     source: Literal["synthetic_arithmetic", "file"] = "synthetic_arithmetic"
+    reward: Literal["math", "code"] = "math"  # math: \\boxed{} vs answer; code: rows carry tests (+ fn_name)
     train_path: str | None = None  # JSONL or Parquet with fields prompt, answer
     eval_path: str | None = None
     prompt_template: Literal["raw", "chat"] = "raw"
