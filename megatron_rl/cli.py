@@ -77,6 +77,7 @@ def _run_training(config: Path | None, overrides: list[str], resume: bool) -> No
     from megatron_rl.config import ConfigError, load_config
     from megatron_rl.data.dataset import DatasetError
     from megatron_rl.model.hf_config import ModelConfigError
+    from megatron_rl.train.checkpoint import CheckpointError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -87,7 +88,7 @@ def _run_training(config: Path | None, overrides: list[str], resume: bool) -> No
 
     try:
         result = train(cfg, resume=resume)
-    except (ConfigError, DatasetError, ModelConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, DatasetError, ModelConfigError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps(result))
 
@@ -123,6 +124,25 @@ def plot_cmd(run_dir: Path, out: Path | None = None) -> None:
     if not (run_dir / "metrics.jsonl").is_file():
         _fail(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
     typer.echo(str(plot_run(run_dir, out)))
+
+
+@app.command("plan", context_settings={"allow_extra_args": True})
+def plan_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path, typer.Argument(help="YAML config")],
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON line instead of the table")] = False,
+) -> None:
+    """Memory per GPU that CONFIG needs (no GPU, no weights); exit 1 when it does not fit. Extra args: overrides."""
+    from megatron_rl.config import ConfigError, load_config
+    from megatron_rl.plan import PlanError, format_plan, make_plan
+
+    try:
+        plan = make_plan(load_config(config, list(ctx.args)), str(config))
+    except (ConfigError, PlanError) as e:
+        _fail(str(e))
+    typer.echo(plan.to_json() if as_json else format_plan(plan))
+    if not plan.fits:
+        raise typer.Exit(1)
 
 
 @app.command("reward")

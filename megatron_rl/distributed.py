@@ -33,6 +33,8 @@ def apply_cpu_shim() -> None:
     if _CPU_SHIM_APPLIED or use_cuda():
         return
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+    # dist_checkpointing waits for device copies before writing; on the CPU there is nothing to wait for.
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
     _CPU_SHIM_APPLIED = True
 
 
@@ -52,25 +54,68 @@ class ParallelLayout:
         return self.tp * self.pp
 
 
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: 'gpu[07-09,12],cpu1' -> 'gpu07', 'rack1-n[3-4]-ib' -> 'rack1-n3-ib'."""
+    head = nodelist.strip()
+    depth = 0
+    for i, ch in enumerate(head):  # the first comma outside brackets ends the first entry
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            head = head[:i]
+            break
+    if "[" not in head:
+        return head
+    prefix, rest = head.split("[", 1)
+    ranges, suffix = rest.split("]", 1)
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_rendezvous(env: dict[str, str] | None = None) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for a process started by `srun` (one task per GPU).
+
+    Empty outside an srun step (SLURM_STEP_ID unset): a batch script itself also sees SLURM_PROCID=0 and
+    SLURM_NTASKS, and must not wait for ranks that will never come. MASTER_ADDR is the first host of the job,
+    MASTER_PORT a port derived from the job id (the same on every node, different for concurrent jobs).
+    """
+    env = os.environ if env is None else env
+    if "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1"),
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": first_slurm_host(nodelist),
+        "MASTER_PORT": str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
 def init_distributed(layout: ParallelLayout, rank: int | None = None, world_size: int | None = None) -> None:
     """Start torch.distributed (if not already) and Megatron's parallel state for `layout`.
 
-    Rank and world size come from the arguments or from the usual env vars (RANK/WORLD_SIZE, set by torchrun
-    or by our Slurm scripts); a single process with no env gets a private one-rank group on a free port.
+    Rank and world size come from the arguments, from the usual env vars (RANK/WORLD_SIZE, set by torchrun), or
+    when those are unset from Slurm's (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID inside an srun step, see
+    slurm_rendezvous); a single process with no env gets a private one-rank group on a free port.
     """
     from megatron.core import parallel_state
 
     apply_cpu_shim()
     if not dist.is_initialized():
-        rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+        env = dict(os.environ)
+        if "RANK" not in env and "WORLD_SIZE" not in env:
+            env = {**slurm_rendezvous(), **env}  # MASTER_ADDR/PORT exported by the batch script win
+            for key in ("MASTER_ADDR", "MASTER_PORT"):  # the env:// rendezvous reads these two
+                if key in env:
+                    os.environ[key] = env[key]
+        rank = int(env.get("RANK", 0)) if rank is None else rank
+        world_size = int(env.get("WORLD_SIZE", 1)) if world_size is None else world_size
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             if world_size > 1:
                 raise RuntimeError("MASTER_PORT must be set when WORLD_SIZE > 1")
             os.environ["MASTER_PORT"] = str(free_port())
         if use_cuda():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         dist.init_process_group("nccl" if use_cuda() else "gloo", rank=rank, world_size=world_size)
     world = dist.get_world_size()
     if world % layout.model_parallel_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -82,3 +83,23 @@ def test_arithmetic_task_is_deterministic_and_held_out():
     assert task.train_problem(5) == ArithmeticTask(seed=0).train_problem(5)
     held = {q.prompt for q in task.eval_set()}
     assert not held & {task.train_problem(i).prompt for i in range(2000)}
+
+
+def test_code_rows_load_and_score_through_the_stage_reward(tmp_path):
+    """data.reward=code: rows carry tests; the stage's reward runs them in the real sandboxed pool."""
+    from megatron_rl.rewards import RewardPool
+    from megatron_rl.train.rollouts import score
+
+    path = tmp_path / "code.jsonl"
+    tests = [{"input": "2 3\n", "output": "5\n", "testtype": "stdin"}]
+    path.write_text(
+        json.dumps({"prompt": "Add two numbers.", "tests": tests}) + "\n"
+        + json.dumps({"prompt": "No tests here.", "answer": "1"}) + "\n"
+    )  # fmt: skip
+    data = load_prompt_dataset(path, "code")
+    assert len(data) == 1 and data.skipped == [f"{path}:2: missing field 'tests'"]
+    cfg = load_config(None, ["data.reward=code"])
+    solve = "<think>read, add</think>```python\na, b = map(int, input().split())\nprint(a + b)\n```"
+    wrong = "<think>oops</think>```python\nprint(0)\n```"
+    with RewardPool(workers=1) as pool:
+        assert score(pool, [solve, wrong], [data.problems[0]] * 2, cfg) == [1.0, 0.0]

@@ -42,8 +42,12 @@ def _last_per_step(run_dir: Path) -> dict[int, dict]:
 
 
 def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    state = torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "rank_0000.pt", weights_only=False)
-    return state["model"]
+    """The model tensors of a checkpoint, read from its Megatron distributed checkpoint (no process group)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    plain = run_dir / f"weights_{step}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"step_{step:06d}" / "model", plain)
+    return torch.load(plain, weights_only=False)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,7 @@ def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
         for key in ("reward_mean", "response_length_mean", "loss", "grad_norm", "entropy_mean"):
             assert again[step][key] == pytest.approx(full[step][key], rel=1e-6, abs=1e-9), (step, key)
     a, b = _weights(run_dir_full, 4), _weights(tmp_path / name, 4)
+    assert a and set(a) == set(b)
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b[key]), key

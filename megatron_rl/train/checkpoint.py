@@ -1,11 +1,17 @@
-"""Checkpoints: model shard, optimizer, RNG states and the loop's position, one file per rank.
+"""Checkpoints: the model in Megatron's distributed checkpoint format, plus per-rank optimizer, RNG and loop state.
+
+    step_000025/
+      model/           megatron.core.dist_checkpointing (torch_dist): loads into any TP/PP layout
+      rank_0000.pt     optimizer state, RNG states, layout, the loop's position (step, data position)
 
 Written to a temporary directory and renamed into place, then `latest` is updated, so a crash mid-save never
-leaves a checkpoint that resume would pick up half-written.
+leaves a checkpoint that resume would pick up half-written. A resume under a different parallel layout loads
+the weights (resharded by dist_checkpointing) and starts the optimizer afresh, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -13,6 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    pass
 
 
 def _rng_state() -> dict:
@@ -25,21 +38,26 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def _layout() -> dict[str, int]:
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: dict, keep: int) -> Path:
+    """A collective: every rank writes its model shards and its own optimizer/RNG file."""
     rank = dist.get_rank()
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".step_{step:06d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        (tmp / "model").mkdir(parents=True)
     dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     torch.save(
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(),
-            "train": train_state,
-        },
+        {"optimizer": optimizer.state_dict(), "rng": _rng_state(), "layout": _layout(), "train": train_state},
         tmp / f"rank_{rank:04d}.pt",
     )
     dist.barrier()
@@ -63,10 +81,33 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def load_model_weights(path: Path, model) -> None:
+    """Fill `model` (this rank's shard, any layout) from a checkpoint's distributed model state."""
+    if not (path / "model" / "metadata.json").is_file():
+        raise CheckpointError(f"checkpoint '{path}' has no model/ distributed checkpoint (incomplete copy?)")
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path / "model")))
+
+
+def _read_rank_file(path: Path, rank: int) -> dict:
+    rank_file = path / f"rank_{rank:04d}.pt"
+    if not rank_file.is_file():
+        raise CheckpointError(f"checkpoint '{path}' has no {rank_file.name} (an incomplete copy?)")
+    return torch.load(rank_file, map_location="cpu", weights_only=False)
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG; returns the saved train state (step, data position, ...)."""
-    state = torch.load(path / f"rank_{dist.get_rank():04d}.pt", map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+    load_model_weights(path, model)
+    state = _read_rank_file(path, 0)
+    if state["layout"] != _layout():
+        log.warning(
+            "checkpoint %s was saved with layout %s, this run has %s: weights resharded, optimizer state reset",
+            path,
+            state["layout"],
+            _layout(),
+        )
+        return state["train"]  # the loop's position is the same on every rank
+    state = _read_rank_file(path, dist.get_rank())
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return state["train"]

@@ -23,6 +23,7 @@ from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
 from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.train.evaluate import evaluate
+from megatron_rl.train import preemption
 from megatron_rl.train.metrics import MetricsLogger
 from megatron_rl.train.rollouts import collect_rollouts
 from megatron_rl.train.sft import run_sft
@@ -96,11 +97,14 @@ def load_data(cfg: Config):
             seed=cfg.data.seed, digits=cfg.data.synthetic_digits, eval_size=cfg.data.synthetic_eval_size
         )
         return task, task.eval_set(), task
-    train = load_prompt_dataset(cfg.data.train_path) if cfg.data.train_path else None
+    kind = cfg.data.reward
+    train = load_prompt_dataset(cfg.data.train_path, kind) if cfg.data.train_path else None
     if train is None:
         raise ValueError("config key 'data.train_path' is required when data.source is 'file'")
     log.info("dataset %s: %d rows, %d bad rows skipped", train.path, len(train), len(train.skipped))
-    evalset = load_prompt_dataset(cfg.data.eval_path).problems if cfg.data.eval_path else train.problems[:200]
+    evalset = (
+        load_prompt_dataset(cfg.data.eval_path, kind).problems if cfg.data.eval_path else train.problems[:200]
+    )
     return train, evalset, None
 
 
@@ -110,6 +114,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.run.seed)
     init_distributed(ParallelLayout(cfg.model.tensor_parallel_size, cfg.model.pipeline_parallel_size))
+    preemption.install()  # SIGUSR1/SIGTERM: checkpoint and stop after the current RL step
     if cfg.model.pipeline_parallel_size > 1:
         raise ValueError("config key 'model.pipeline_parallel_size': the RL trainer runs PP=1 for now")
     if is_driver():
@@ -210,8 +215,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
             metrics["heldout_accuracy"] = held_out_accuracy()
         if metrics_log:
             metrics_log.log(step, metrics)
-        if cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps):
+        stop = preemption.stop_requested() and step < cfg.run.steps  # a collective: all ranks agree
+        if stop or (cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps)):
             save_checkpoint(ckpt_root, step, policy.model, optimizer, state, cfg.run.keep_checkpoints)
+        if stop:
+            preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, pool))
     if metrics_log:
         metrics_log.close()
 

@@ -25,6 +25,15 @@ class RolloutBatch:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def score(pool, texts: list[str], problems: list, cfg) -> list[float]:
+    """The stage's verifiable reward: math (last \\boxed{} vs the answer) or code (all tests pass)."""
+    if cfg.data.reward == "code":
+        return pool.score_code(
+            texts, [p.tests for p in problems], [p.fn_name for p in problems], timeout=cfg.run.reward_timeout
+        )
+    return pool.score_math(texts, [p.answer for p in problems], timeout=cfg.run.reward_timeout)
+
+
 def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, temperature: float):
     prompt_ids = [
         render_prompt(p, tokenizer, cfg.data.prompt_template, cfg.data.instruction) for p in problems
@@ -39,8 +48,7 @@ def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, 
         seed=seed,
     )
     t1 = time.perf_counter()
-    answers = [problems[s.prompt_index].answer for s in samples]
-    rewards = pool.score_math([s.text for s in samples], answers, timeout=cfg.run.reward_timeout)
+    rewards = score(pool, [s.text for s in samples], [problems[s.prompt_index] for s in samples], cfg)
     return samples, rewards, t1 - t0, time.perf_counter() - t1
 
 

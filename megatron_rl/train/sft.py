@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_rl.algo.packing import pack_microbatches, packed_forward_logprobs
+from megatron_rl.train.update import finish_gradients
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +25,15 @@ def sft_step(
     optimizer.zero_grad(set_to_none=True)
     total = sum(len(r) for r in responses)
     loss_sum = 0.0
-    for mb in pack_microbatches(prompts, responses, max_tokens):
+    dp = parallel_state.get_data_parallel_world_size()
+    for mb in pack_microbatches(
+        prompts, responses, max_tokens, dp_size=dp, dp_rank=parallel_state.get_data_parallel_rank()
+    ):
         logprobs, _ = packed_forward_logprobs(policy.model, mb, 1.0, policy.tp_group)
         loss = -(logprobs * mb.loss_mask.to(logprobs.device)).sum() / total
         loss.backward()
         loss_sum += float(loss.detach())
-    torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+    finish_gradients([p for p in policy.model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     return loss_sum
 

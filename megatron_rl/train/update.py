@@ -50,6 +50,12 @@ def all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
             dist.all_reduce(p.grad, group=group)  # loss is already normalised by the global token count
 
 
+def finish_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Sum gradients over data-parallel ranks, then clip by the global norm; returns the norm before clipping."""
+    all_reduce_data_parallel_grads(params)
+    return grad_norm_and_clip(params, max_norm)
+
+
 def policy_update(policy, optimizer, scheduler, batch, cfg) -> dict[str, float]:
     """GRPO update on `batch` (identical on every rank); returns loss, entropy, mismatch and grad metrics."""
     model = policy.model
@@ -106,8 +112,7 @@ def policy_update(policy, optimizer, scheduler, batch, cfg) -> dict[str, float]:
                 train_lp.append(logprobs.detach())
                 rollout_lp.append(rollout)
                 masks.append(mb.loss_mask.to(device))
-        all_reduce_data_parallel_grads(params)
-        norm = grad_norm_and_clip(params, cfg.optim.grad_clip)
+        norm = finish_gradients(params, cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         if micro_step == 0:
