@@ -1,4 +1,4 @@
-"""Training-step throughput with sequence packing against padded-to-longest micro-batches, same run.
+"""Training-step throughput with sequence packing against padded batches, same run.
 
     python -m megatron_rl.bench_packing            # or: megatron-rl bench packing
 
@@ -8,15 +8,18 @@ truncated at the cap) scaled to the model's context. One training step is forwar
 policy-gradient loss over all micro-batches of that batch, done two ways on the same sequences:
 
 - packed: `pack_microbatches` under `--budget-factor` x the longest possible sequence, THD forward;
-- padded: the same sequences in rollout order, ceil(sequences / packed micro-batches) per micro-batch (the
-  packed micro-batches' mean number of sequences), each micro-batch right-padded to its longest sequence
-  (the unpacked `response_logprobs` path).
+- padded (to the batch's longest): the same sequences in rollout order, ceil(sequences / packed
+  micro-batches) per micro-batch (the packed micro-batches' mean number of sequences), every sequence
+  right-padded to the longest of the whole batch, as a trainer without packing collates a rollout batch
+  (the unpacked `response_logprobs` path);
+- micro-batch padded: the same micro-batches, each right-padded only to its own longest sequence (a
+  stronger baseline: a padded trainer that trims each micro-batch).
 
 Each is timed as the median over `--reps` steps, after one warm-up step each, the two ways interleaved so
 that changes in machine load hit both alike. tokens/s counts real (prompt + response) tokens, so the ratio
 is the ratio of step times. The last line printed is one JSON object with real_token_fraction (real tokens
-over all tokens of the packed micro-batches), budget_fill (real tokens over micro-batches x budget) and
-speedup_vs_padded, each the smallest over the models, then per-model details.
+over all tokens of the packed micro-batches), budget_fill (real tokens over micro-batches x budget),
+speedup_vs_padded and speedup_vs_microbatch_padded, each the smallest over the models, then per-model details.
 """
 
 from __future__ import annotations
@@ -130,6 +133,8 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
     mbs = pack_microbatches(prompts, responses, budget)
     padded = padded_batches(spec.num_samples, len(mbs))
     lengths = [p + r for p, r in zip(prompt_lens, response_lens, strict=True)]
+    longest = max(lengths)
+    batch_padded_tokens = len(lengths) * longest
     padded_tokens = sum(len(b) * max(lengths[i] for i in b) for b in padded)
     # For reference (not timed): a padded trainer sized for the worst case fits only budget // max_len
     # sequences per micro-batch; its padding, counted the same way.
@@ -148,12 +153,17 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
             total += loss.item()
         return total
 
-    def padded_step() -> float:
+    def padded_step(pad_to: int = 0) -> float:
         model.zero_grad(set_to_none=True)
         total = 0.0
         for b in padded:
             lps, ents = response_logprobs(
-                model, [prompts[i] for i in b], [responses[i] for i in b], temperature, policy.tp_group
+                model,
+                [prompts[i] for i in b],
+                [responses[i] for i in b],
+                temperature,
+                policy.tp_group,
+                pad_to=pad_to,
             )
             per_sample = zip(b, lps, ents, strict=True)
             loss = sum(-(lp * advantages[i]).sum() - 1e-3 * ent.sum() for i, lp, ent in per_sample)
@@ -162,19 +172,25 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
             total += loss.item()
         return total
 
-    packed_step()  # warm-up: one full step each way (the allocator sees every shape once)
-    padded_step()
-    wall: dict[str, list[float]] = {"packed": [], "padded": []}
-    cpu: dict[str, list[float]] = {"packed": [], "padded": []}
+    ways = {
+        "packed": packed_step,
+        "padded": lambda: padded_step(pad_to=longest),
+        "microbatch_padded": padded_step,
+    }
+    for step in ways.values():  # warm-up: one full step each way (the allocator sees every shape once)
+        step()
+    wall: dict[str, list[float]] = {name: [] for name in ways}
+    cpu: dict[str, list[float]] = {name: [] for name in ways}
     losses: dict[str, float] = {}
-    for _ in range(reps):  # the two ways alternate so that drift in machine load hits both alike
-        for name, step in (("packed", packed_step), ("padded", padded_step)):
+    for _ in range(reps):  # the ways alternate so that drift in machine load hits them alike
+        for name, step in ways.items():
             start, start_cpu = time.perf_counter(), time.process_time()
             losses[name] = step()
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
-    packed_s, padded_s = statistics.median(wall["packed"]), statistics.median(wall["padded"])
-    packed_cpu, padded_cpu = statistics.median(cpu["packed"]), statistics.median(cpu["padded"])
+    median = {name: statistics.median(times) for name, times in wall.items()}
+    median_cpu = {name: statistics.median(times) for name, times in cpu.items()}
+    packed_s, padded_s, mb_padded_s = median["packed"], median["padded"], median["microbatch_padded"]
     return {
         "model": spec.name,
         "params": num_params,
@@ -192,20 +208,29 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
         "budget_fill": round(real_tokens / (len(mbs) * budget), 4),
         "padded_microbatches": len(padded),
         "padded_sequences_per_microbatch": len(padded[0]),
-        "padded_tokens": padded_tokens,
-        "padded_real_token_fraction": round(real_tokens / padded_tokens, 4),
+        "padded_tokens": batch_padded_tokens,
+        "padded_real_token_fraction": round(real_tokens / batch_padded_tokens, 4),
+        "microbatch_padded_tokens": padded_tokens,
+        "microbatch_padded_real_token_fraction": round(real_tokens / padded_tokens, 4),
         "worst_case_padded_sequences_per_microbatch": per_mb,
         "worst_case_padded_real_token_fraction": round(real_tokens / capped_tokens, 4),
         "packed_step_s": round(packed_s, 3),
         "padded_step_s": round(padded_s, 3),
+        "microbatch_padded_step_s": round(mb_padded_s, 3),
         "packed_tokens_per_s": round(real_tokens / packed_s, 1),
         "padded_tokens_per_s": round(real_tokens / padded_s, 1),
+        "microbatch_padded_tokens_per_s": round(real_tokens / mb_padded_s, 1),
         "speedup_vs_padded": round(padded_s / packed_s, 3),
+        "speedup_vs_microbatch_padded": round(mb_padded_s / packed_s, 3),
         # CPU seconds of this process (all its threads): less sensitive to other load on a shared machine.
-        "packed_step_cpu_s": round(packed_cpu, 3),
-        "padded_step_cpu_s": round(padded_cpu, 3),
-        "speedup_vs_padded_cpu_time": round(padded_cpu / packed_cpu, 3),
-        "loss_abs_diff": abs(losses["packed"] - losses["padded"]),
+        "packed_step_cpu_s": round(median_cpu["packed"], 3),
+        "padded_step_cpu_s": round(median_cpu["padded"], 3),
+        "microbatch_padded_step_cpu_s": round(median_cpu["microbatch_padded"], 3),
+        "speedup_vs_padded_cpu_time": round(median_cpu["padded"] / median_cpu["packed"], 3),
+        "speedup_vs_microbatch_padded_cpu_time": round(
+            median_cpu["microbatch_padded"] / median_cpu["packed"], 3
+        ),
+        "loss_abs_diff": max(abs(losses["packed"] - losses[name]) for name in ways),
         "reps": reps,
     }
 
@@ -233,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = f"{torch.cuda.get_device_name()} ({device})"
     print(f"device: {device}; load average {os.getloadavg()[0]:.2f}", flush=True)
     print(
-        "padded = the same sequences in rollout order, ceil(n / packed micro-batches) per micro-batch, each "
-        "micro-batch right-padded to its longest sequence; tokens/s counts real (prompt + response) tokens",
+        "padded = the same sequences in rollout order, ceil(n / packed micro-batches) per micro-batch, padded "
+        "to the batch's longest sequence; micro-batch padded = the same, each micro-batch padded only to its "
+        "own longest; tokens/s counts real (prompt + response) tokens",
         flush=True,
     )
     init_distributed(ParallelLayout(tp=1, pp=1))
@@ -257,6 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "real_token_fraction": min(r["real_token_fraction"] for r in results),
         "budget_fill": min(r["budget_fill"] for r in results),
         "speedup_vs_padded": min(r["speedup_vs_padded"] for r in results),
+        "speedup_vs_microbatch_padded": min(r["speedup_vs_microbatch_padded"] for r in results),
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "results": results,
     }
@@ -271,12 +298,16 @@ def _summary_line(r: dict) -> str:
         f"  packed: {r['packed_microbatches']} micro-batches <= {r['max_tokens_per_microbatch']} tokens, "
         f"real {r['real_token_fraction']:.1%} of their tokens (budget fill {r['budget_fill']:.1%}), "
         f"step {r['packed_step_s']} s, {r['packed_tokens_per_s']} tok/s\n"
-        f"  padded: {r['padded_microbatches']} x {r['padded_sequences_per_microbatch']} sequences, "
-        f"real {r['padded_real_token_fraction']:.1%} of their tokens, "
-        f"step {r['padded_step_s']} s, {r['padded_tokens_per_s']} tok/s (not timed: at "
+        f"  padded to the batch's longest: {r['padded_microbatches']} x "
+        f"{r['padded_sequences_per_microbatch']} sequences, real {r['padded_real_token_fraction']:.1%} of "
+        f"their tokens, step {r['padded_step_s']} s, {r['padded_tokens_per_s']} tok/s\n"
+        f"  micro-batch padded: real {r['microbatch_padded_real_token_fraction']:.1%} of their tokens, "
+        f"step {r['microbatch_padded_step_s']} s, {r['microbatch_padded_tokens_per_s']} tok/s (not timed: at "
         f"{r['worst_case_padded_sequences_per_microbatch']} sequences per micro-batch, the most that fit the "
         f"budget at the maximum length, real {r['worst_case_padded_real_token_fraction']:.1%})\n"
-        f"  speedup {r['speedup_vs_padded']}x wall, {r['speedup_vs_padded_cpu_time']}x CPU time; "
+        f"  speedup {r['speedup_vs_padded']}x wall ({r['speedup_vs_padded_cpu_time']}x CPU time) vs padded, "
+        f"{r['speedup_vs_microbatch_padded']}x ({r['speedup_vs_microbatch_padded_cpu_time']}x) vs micro-batch "
+        f"padded; "
         f"|loss packed - padded| = {r['loss_abs_diff']:.1e}"
     )
 

@@ -10,8 +10,8 @@ from kernels import logprob_entropy
 from megatron_rl.distributed import device
 
 
-def right_padded(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
-    longest = max(len(s) for s in sequences)
+def right_padded(sequences: Sequence[Sequence[int]], pad_id: int = 0, pad_to: int = 0) -> torch.Tensor:
+    longest = max(pad_to, *(len(s) for s in sequences))
     out = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
         out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
@@ -24,14 +24,15 @@ def response_logprobs(
     responses: Sequence[Sequence[int]],
     temperature: float,
     tp_group=None,
+    pad_to: int = 0,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Log p(response token) and entropy at each response position, one [len(response)] tensor per sample.
 
     A plain padded forward (causal attention makes right padding harmless); the trainer's packed path
-    computes the same thing without padding.
+    computes the same thing without padding. `pad_to` pads to at least that length (e.g. the batch's longest).
     """
     full = [list(p) + list(r) for p, r in zip(prompts, responses, strict=True)]
-    tokens = right_padded(full).to(device())
+    tokens = right_padded(full, pad_to=pad_to).to(device())
     positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     logits = model(input_ids=tokens, position_ids=positions, attention_mask=None)  # [B, S, V/TP]
     targets = torch.full_like(tokens, -100)
