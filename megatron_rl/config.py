@@ -29,6 +29,8 @@ class ModelCfg(Strict):
     pipeline_parallel_size: int = Field(1, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     recompute: bool = False
+    # Built-in shape for `megatron-rl plan` when model.path is unset or not on this machine (no weights read).
+    architecture: Literal["qwen2-7b", "qwen2-14b"] | None = None
 
 
 class DataCfg(Strict):
@@ -53,6 +55,11 @@ class RolloutCfg(Strict):
     cpu_kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.5
     colocate_sleep: bool = True  # on GPU: vLLM sleeps while the trainer runs
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM engine TP (engines = rollout GPUs / this)
+    placement: Literal["colocated", "separate"] = "colocated"  # separate: vLLM on its own nodes
+    engine_nodes: int = Field(0, ge=0)  # nodes given to vLLM when placement is separate
+    max_num_seqs: int | None = Field(None, ge=1)  # sequences one engine runs at once; None: its whole share
+    max_prompt_tokens: int = Field(1024, ge=1)  # longest prompt `plan` sizes KV cache + micro-batches for
 
 
 class GRPOCfg(Strict):
@@ -75,6 +82,7 @@ class OptimCfg(Strict):
     warmup_steps: int = 0
     schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1
+    distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over data-parallel ranks
 
 
 class SFTCfg(Strict):
@@ -108,6 +116,19 @@ class RunCfg(Strict):
     reward_timeout: float = 5.0
 
 
+class ClusterCfg(Strict):
+    """The machines a config is sized for (`megatron-rl plan`) and launched on (launchers/, slurm/)."""
+
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(1, ge=1)
+    gpu: str = "H100-SXM-80GB"
+    gpu_memory_gib: float = Field(79.6, gt=0)  # an 80 GB H100 reports 81559 MiB = 79.6 GiB
+    account: str | None = None  # Slurm account, partition, time limit, container: launch settings only
+    partition: str | None = None
+    time: str = "04:00:00"
+    container_image: str | None = None
+
+
 class Config(Strict):
     run: RunCfg = RunCfg()
     model: ModelCfg = ModelCfg()
@@ -117,6 +138,7 @@ class Config(Strict):
     optim: OptimCfg = OptimCfg()
     sft: SFTCfg = SFTCfg()
     eval: EvalCfg = EvalCfg()
+    cluster: ClusterCfg = ClusterCfg()
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
