@@ -28,13 +28,21 @@ endif
 	-$(MAKE) --no-print-directory system-deps
 	touch $@
 
-# bubblewrap for the code sandbox; installed with apt when we are root and it is missing.
+# bubblewrap for the code sandbox, a one-node Slurm (slurmctld, slurmd, client, munge) for tests/test_slurm.py and
+# shellcheck for the slurm/ scripts; installed with apt when we are root and they are missing.
 system-deps:
 	@if ! command -v bwrap >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap) \
 	      || echo "WARNING: could not install bubblewrap; the code reward will refuse to run programs"; \
 	  else echo "WARNING: bubblewrap (bwrap) is missing; install it to run the code reward"; fi; \
+	fi
+	@if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1 || ! command -v shellcheck >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      slurmctld slurmd slurm-client munge shellcheck) \
+	      || echo "WARNING: could not install Slurm/shellcheck; tests/test_slurm.py will fail"; \
+	  else echo "WARNING: Slurm (slurmctld slurmd slurm-client munge) or shellcheck is missing; tests/test_slurm.py needs them"; fi; \
 	fi
 
 demo: install

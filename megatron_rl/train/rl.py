@@ -21,9 +21,9 @@ from megatron_rl.data.arithmetic import ArithmeticTask
 from megatron_rl.data.dataset import load_prompt_dataset
 from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
+from megatron_rl.train import preemption
 from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.train.evaluate import evaluate
-from megatron_rl.train import preemption
 from megatron_rl.train.metrics import MetricsLogger
 from megatron_rl.train.rollouts import collect_rollouts
 from megatron_rl.train.sft import run_sft
@@ -216,7 +216,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if metrics_log:
             metrics_log.log(step, metrics)
         stop = preemption.stop_requested() and step < cfg.run.steps  # a collective: all ranks agree
-        if stop or (cfg.run.checkpoint_every and (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps)):
+        every = cfg.run.checkpoint_every
+        if stop or (every and (step % every == 0 or step == cfg.run.steps)):
             save_checkpoint(ckpt_root, step, policy.model, optimizer, state, cfg.run.keep_checkpoints)
         if stop:
             preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, pool))
