@@ -103,3 +103,15 @@ def test_code_rows_load_and_score_through_the_stage_reward(tmp_path):
     wrong = "<think>oops</think>```python\nprint(0)\n```"
     with RewardPool(workers=1) as pool:
         assert score(pool, [solve, wrong], [data.problems[0]] * 2, cfg) == [1.0, 0.0]
+
+
+def test_cli_missing_dataset_file_is_one_line(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_rl.cli", "train", "data.source=file", f"data.train_path={missing}",
+         f"run.output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: dataset file '{missing}' does not exist"
+    assert "Traceback" not in proc.stderr
