@@ -49,7 +49,21 @@ def _max_diff(samples, recomputed) -> float:
     return float(torch.cat(diffs).max())
 
 
-def run(model_dir: str, tp: int, rank: int, world: int, bucket_mb: float, max_tokens: int, seed: int) -> dict:
+def _worst(diffs: list[float]) -> float:
+    """The largest difference; NaN if any is NaN (so that the check fails)."""
+    return float("nan") if any(d != d for d in diffs) else max(diffs)
+
+
+def run(
+    model_dir: str,
+    tp: int,
+    rank: int,
+    world: int,
+    bucket_mb: float,
+    max_tokens: int,
+    seed: int,
+    transports: tuple[str, ...] = ("auto",),
+) -> dict:
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
     from megatron_rl.model.policy import Policy
 
@@ -70,28 +84,47 @@ def run(model_dir: str, tp: int, rank: int, world: int, bucket_mb: float, max_to
             dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    before = sample(1.0)
-    start = time.perf_counter()
-    buckets = list(policy.hf_buckets(int(bucket_mb * (1 << 20))))
-    report = engine.update_weights(buckets) if rank == 0 else None
-    sync_seconds = time.perf_counter() - start
-    result = {}
-    diffs = {}
-    for temperature in (1.0, 0.7):
-        after = sample(temperature)
-        diffs[temperature] = _max_diff(after, _megatron_logprobs(policy, after, temperature))
-    pre_push_diff = _max_diff(before, _megatron_logprobs(policy, before, 1.0))
-    if rank == 0:
-        result = {
-            "max_abs_logprob_diff": max(diffs.values()),
+    # Each transport starts from the checkpoint's own weights (vLLM reloads them from disk), so each push
+    # has to bring the perturbed weights in by itself.
+    checks = {}
+    for i, transport in enumerate(transports):
+        if i and rank == 0:
+            engine.llm.collective_rpc("reload_weights")
+        before = sample(1.0)
+        start = time.perf_counter()
+        buckets = list(policy.hf_buckets(int(bucket_mb * (1 << 20))))
+        report = engine.update_weights(buckets, transport=transport) if rank == 0 else None
+        sync_seconds = time.perf_counter() - start
+        diffs = {}
+        for temperature in (1.0, 0.7):
+            after = sample(temperature)
+            diffs[temperature] = _max_diff(after, _megatron_logprobs(policy, after, temperature))
+        checks[transport] = {
+            "transport": report.transport if report else transport,
             "max_abs_logprob_diff_t1.0": diffs[1.0],
             "max_abs_logprob_diff_t0.7": diffs[0.7],
-            "pre_push_max_abs_logprob_diff": pre_push_diff,
-            "tensors_pushed": report.tensors,
-            "bytes_pushed": report.bytes,
+            "pre_push_max_abs_logprob_diff": _max_diff(before, _megatron_logprobs(policy, before, 1.0)),
+            "tensors_pushed": report.tensors if report else 0,
+            "bytes_pushed": report.bytes if report else 0,
             "sync_seconds": round(sync_seconds, 4),
-            "tp": tp,
             "tokens_checked": sum(len(s.token_ids) for s in after),
+        }
+    result = {}
+    if rank == 0:
+        values = lambda key: [c[key] for c in checks.values()]  # noqa: E731
+        result = {
+            "max_abs_logprob_diff": _worst(
+                values("max_abs_logprob_diff_t1.0") + values("max_abs_logprob_diff_t0.7")
+            ),
+            "max_abs_logprob_diff_t1.0": _worst(values("max_abs_logprob_diff_t1.0")),
+            "max_abs_logprob_diff_t0.7": _worst(values("max_abs_logprob_diff_t0.7")),
+            "pre_push_max_abs_logprob_diff": min(values("pre_push_max_abs_logprob_diff")),
+            "tensors_pushed": min(values("tensors_pushed")),
+            "bytes_pushed": min(values("bytes_pushed")),
+            "sync_seconds": max(values("sync_seconds")),
+            "tp": tp,
+            "tokens_checked": min(values("tokens_checked")),
+            "transports": checks,
         }
         engine.shutdown()
     shutdown()
@@ -108,13 +141,20 @@ def _worker(rank: int, world: int, port: int, args: tuple, out_path: str) -> Non
 
 
 def verify_sync(
-    model_dir: str, tp: int = 1, bucket_mb: float = 64.0, max_tokens: int = 24, seed: int = 0
+    model_dir: str,
+    tp: int = 1,
+    bucket_mb: float = 64.0,
+    max_tokens: int = 24,
+    seed: int = 0,
+    transports: tuple[str, ...] = ("auto",),
 ) -> dict:
-    """Run the check with `tp` Megatron ranks (spawned here when tp > 1); returns rank 0's report."""
+    """Run the check with `tp` Megatron ranks (spawned here when tp > 1), once per weight transport (one
+    engine); returns rank 0's report: the worst case over transports, and each under "transports"."""
     from megatron_rl.distributed import free_port
 
+    transports = tuple(transports)
     if tp == 1:
-        return run(model_dir, 1, 0, 1, bucket_mb, max_tokens, seed)
+        return run(model_dir, 1, 0, 1, bucket_mb, max_tokens, seed, transports)
     import tempfile
 
     import torch.multiprocessing as mp
@@ -123,9 +163,38 @@ def verify_sync(
         out = os.path.join(tmp, "result.json")
         mp.spawn(
             _worker,
-            args=(tp, free_port(), (model_dir, tp, bucket_mb, max_tokens, seed), out),
+            args=(tp, free_port(), (model_dir, tp, bucket_mb, max_tokens, seed, transports), out),
             nprocs=tp,
             join=True,
         )
         with open(out) as f:
             return json.load(f)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m megatron_rl.verify_sync --model DIR [--tp N] [--transport shm,broadcast,rpc]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_rl.verify_sync", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", required=True, help="HF checkpoint directory")
+    parser.add_argument("--tp", type=int, default=1, help="Megatron tensor-parallel size")
+    parser.add_argument("--transport", default="auto", help="comma-separated: auto, shm, ipc, broadcast, rpc")
+    parser.add_argument("--bucket-mb", type=float, default=64.0)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from megatron_rl.rollout.transport import TRANSPORTS
+
+    transports = tuple(t.strip() for t in args.transport.split(",") if t.strip())
+    if not transports or any(t not in TRANSPORTS for t in transports):
+        parser.error(f"--transport must name some of {', '.join(TRANSPORTS)}")
+    result = verify_sync(args.model, args.tp, args.bucket_mb, args.max_tokens, args.seed, transports)
+    print(json.dumps(result), flush=True)
+    return 0 if result["max_abs_logprob_diff"] <= TOLERANCE else 1  # NaN fails too
+
+
+if __name__ == "__main__":
+    # vLLM spawns worker processes that re-import __main__; keep all work under this guard.
+    raise SystemExit(main())

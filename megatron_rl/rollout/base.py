@@ -29,6 +29,8 @@ class SyncReport:
     bytes: int
     seconds: float
     checksums: dict[str, int] = field(default_factory=dict)
+    transport: str = ""  # how the bytes travelled: shm, ipc, broadcast or rpc
+    reload_seconds: float = 0.0  # of `seconds`, the engine's in-place load of the staged tensors
 
     @property
     def mb_per_s(self) -> float:
@@ -48,8 +50,11 @@ class RolloutEngine(Protocol):
         """n samples per prompt, grouped by prompt in order (len = n * len(prompts))."""
         ...
 
-    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> SyncReport:
-        """Load HF-named tensors (the whole model, in buckets) and verify them; raises WeightSyncError."""
+    def update_weights(
+        self, buckets: Iterable[list[tuple[str, torch.Tensor]]], transport: str | None = None
+    ) -> SyncReport:
+        """Load HF-named tensors (the whole model, in buckets) and verify them; raises WeightSyncError.
+        `transport` overrides the engine's default way of moving the bytes."""
         ...
 
     def sleep(self) -> None:

