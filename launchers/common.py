@@ -1,0 +1,282 @@
+"""NeMo-Run experiments for the megatron-rl stages: one `megatron-rl` command, a local or a Slurm executor.
+
+    python -m launchers.math_stage --executor local                 # the tiny CPU config, through NeMo-Run
+    python -m launchers.math_stage --executor slurm --model 7b --stage 2 model.path=/models/R1-7B ...
+
+Slurm settings come from, in order of precedence: the command line (--account, --partition, --nodes,
+--gpus-per-node, --time, --container-image), environment variables (MEGATRON_RL_SLURM_ACCOUNT,
+MEGATRON_RL_SLURM_PARTITION, MEGATRON_RL_NODES, MEGATRON_RL_GPUS_PER_NODE, MEGATRON_RL_SLURM_TIME,
+MEGATRON_RL_CONTAINER_IMAGE), then the config's `cluster:` section. The job runs one task per GPU
+(`srun` sets SLURM_PROCID/SLURM_NTASKS; megatron_rl.distributed derives the rendezvous from them).
+Before submitting, the config is sized with `megatron-rl plan`: a config that does not fit is not submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import nemo_run as run
+
+from launchers.curriculum import MODELS, REPO, STAGES, TINY_CONFIG, stage_config, stage_overrides
+
+ENV = {
+    "account": "MEGATRON_RL_SLURM_ACCOUNT",
+    "partition": "MEGATRON_RL_SLURM_PARTITION",
+    "nodes": "MEGATRON_RL_NODES",
+    "gpus_per_node": "MEGATRON_RL_GPUS_PER_NODE",
+    "time": "MEGATRON_RL_SLURM_TIME",
+    "container_image": "MEGATRON_RL_CONTAINER_IMAGE",
+}
+
+
+class LaunchError(ValueError):
+    pass
+
+
+def default_job_dir() -> str:
+    """Where NeMo-Run keeps Slurm job files (and, by default, the runs): MEGATRON_RL_SLURM_JOB_DIR or runs/."""
+    return os.environ.get("MEGATRON_RL_SLURM_JOB_DIR") or str(REPO / "runs" / "nemo_run_jobs")
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    nodes: int
+    gpus_per_node: int
+    account: str | None
+    partition: str | None
+    time: str
+    container_image: str | None
+
+
+def cluster_settings(cfg, flags: dict | None = None, env: dict | None = None) -> ClusterSettings:
+    """Merge the config's cluster section, MEGATRON_RL_* variables and command-line flags (highest first)."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    merged = {}
+    for key, var in ENV.items():
+        if key in flags:
+            merged[key] = flags[key]
+        elif env.get(var):
+            merged[key] = env[var]
+        else:
+            merged[key] = getattr(cfg.cluster, key)
+    for key in ("nodes", "gpus_per_node"):
+        try:
+            merged[key] = int(merged[key])
+        except ValueError:
+            raise LaunchError(f"{key} must be an integer, got {merged[key]!r} (from {ENV[key]}?)") from None
+        if merged[key] < 1:
+            raise LaunchError(f"{key} must be at least 1, got {merged[key]}")
+    return ClusterSettings(**merged)
+
+
+def cluster_overrides(cfg, settings: ClusterSettings) -> list[str]:
+    """Overrides for the machine counts the launch changed, so that the run's config (and `plan`) match the job.
+
+    Account, partition, time and container are launch settings only; they stay out of the command line.
+    """
+    return [
+        f"cluster.{key}={getattr(settings, key)}"
+        for key in ("nodes", "gpus_per_node")
+        if getattr(settings, key) != getattr(cfg.cluster, key)
+    ]
+
+
+def megatron_rl_script(
+    command: str, config: Path, overrides: list[str], python: str = sys.executable, nproc: int = 1
+) -> run.Script:
+    """`megatron-rl COMMAND --config CONFIG overrides...` as a NeMo-Run script (`python -m megatron_rl.cli`).
+
+    nproc > 1 (a local multi-GPU node) starts the ranks with torchrun; under Slurm, srun starts one task per GPU.
+    """
+    args = [command, "--config", str(config), *overrides]
+    if nproc > 1:
+        args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "megatron_rl.cli", *args]
+        return run.Script(path="torch.distributed.run", m=True, entrypoint=python, args=args)
+    return run.Script(path="megatron_rl.cli", m=True, entrypoint=python, args=args)
+
+
+def local_executor(env: dict[str, str] | None = None) -> run.LocalExecutor:
+    return run.LocalExecutor(ntasks_per_node=1, env_vars=dict(env or {}))
+
+
+def slurm_executor(
+    settings: ClusterSettings,
+    job_dir: str | None = None,
+    ssh_host: str | None = None,
+    ssh_user: str | None = None,
+    env: dict[str, str] | None = None,
+) -> run.SlurmExecutor:
+    """A whole-node Slurm executor: `nodes` nodes, one task and one GPU per task on each of `gpus_per_node`."""
+    if not settings.account:
+        raise LaunchError(
+            f"no Slurm account: pass --account, set {ENV['account']} or cluster.account in the config"
+        )
+    job_dir = job_dir or default_job_dir()
+    if ssh_host:
+        tunnel = run.SSHTunnel(host=ssh_host, user=ssh_user or os.environ.get("USER", ""), job_dir=job_dir)
+    else:  # submitting from a machine that has sbatch (a login node)
+        tunnel = run.LocalTunnel(job_dir=job_dir)
+    return run.SlurmExecutor(
+        account=settings.account,
+        partition=settings.partition,
+        time=settings.time,
+        nodes=settings.nodes,
+        ntasks_per_node=settings.gpus_per_node,
+        gpus_per_node=settings.gpus_per_node,
+        job_name_prefix="megatron_rl.",
+        exclusive=True,
+        mem="0",
+        container_image=settings.container_image,
+        env_vars=dict(env or {}),
+        tunnel=tunnel,
+    )
+
+
+def run_experiment(
+    name: str, script: run.Script, executor, dryrun: bool = False, detach: bool = False
+) -> dict:
+    """Run `script` as the one task of a NeMo-Run experiment; wait for it unless `detach` (Slurm)."""
+    with run.Experiment(name, executor=executor, log_level="WARN", enable_goodbye_message=False) as exp:
+        exp.add(script, name=name, tail_logs=False)
+        if dryrun:
+            exp.dryrun(log=True)
+            return {"experiment_id": exp._id, "status": "DRYRUN"}
+        exp.run(sequential=True, detach=detach)
+    job = exp.jobs[0]
+    state = job.state.name if job.state is not None else "UNKNOWN"
+    return {"experiment_id": exp._id, "status": state, "job_dir": job.executor.job_dir}
+
+
+def sbatch_script(name: str, script: run.Script, executor: run.SlurmExecutor) -> str:
+    """The sbatch script NeMo-Run would submit for `script` (renders it; submits nothing)."""
+    with run.Experiment(name, executor=executor, log_level="ERROR", enable_goodbye_message=False) as exp:
+        exp.add(script, name=name, tail_logs=False)
+        exp.dryrun(log=False)
+        return exp.jobs[0]._dryrun_info.request.materialize()
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _parser(domain: str) -> argparse.ArgumentParser:
+    stages = STAGES.get(domain, {})
+    p = argparse.ArgumentParser(
+        prog=f"python -m launchers.{domain if domain == 'sft' else domain + '_stage'}",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--executor", choices=("local", "slurm"), default="local")
+    p.add_argument(
+        "--model",
+        choices=("tiny", *MODELS),
+        default=None,
+        help="which config: tiny (configs/tiny_math.yaml, the default for --executor local) or a stage config",
+    )
+    if stages:
+        p.add_argument(
+            "--stage", choices=tuple(stages), default="1", help="curriculum stage (launchers/curriculum.py)"
+        )
+    p.add_argument("--config", type=Path, default=None, help="a config file instead of --model's")
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        help="run.output_dir (default: local, the config's under this repo; Slurm, JOB_DIR/runs)",
+    )
+    p.add_argument("--dryrun", action="store_true", help="print what would run (the sbatch script on Slurm)")
+    p.add_argument("--detach", action="store_true", help="Slurm: return after submitting")
+    p.add_argument(
+        "--no-plan", action="store_true", help="submit even when `megatron-rl plan` says it does not fit"
+    )
+    for key in ENV:
+        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=f"Slurm (env {ENV[key]})")
+    p.add_argument(
+        "--job-dir",
+        default=None,
+        help="Slurm: where NeMo-Run writes job files (env MEGATRON_RL_SLURM_JOB_DIR)",
+    )
+    p.add_argument("--ssh-host", default=None, help="Slurm: submit over SSH to this login node")
+    p.add_argument("--ssh-user", default=None)
+    p.add_argument("--python", default=None, help="python on the cluster (Slurm default: python)")
+    p.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    return p
+
+
+def main(domain: str, argv: list[str] | None = None) -> int:
+    """`domain`: math, code or sft (the SFT warm start only: `megatron-rl sft`)."""
+    from megatron_rl.config import ConfigError, load_config
+    from megatron_rl.plan import PlanError, format_plan, make_plan
+
+    args = _parser(domain).parse_args(argv)
+    model = args.model or ("tiny" if args.executor == "local" else "7b")
+    overrides: list[str] = []
+    if args.config is not None:
+        config = args.config.resolve()
+    elif model == "tiny" or domain == "sft":
+        if domain == "code":
+            print(
+                "error: there is no tiny code config (the tiny model cannot write programs); pass --model or --config",
+                file=sys.stderr,
+            )
+            return 2
+        config = TINY_CONFIG
+    else:
+        config = stage_config(domain, model)
+        overrides = stage_overrides(domain, model, args.stage)
+    overrides += list(args.overrides)
+    slurm = args.executor == "slurm"
+    job_dir = args.job_dir or default_job_dir()
+    try:
+        cfg = load_config(config, overrides)
+        settings = cluster_settings(cfg, {k: getattr(args, k) for k in ENV})
+        overrides += cluster_overrides(cfg, settings)
+        if args.output_dir:
+            output_dir = args.output_dir
+        elif slurm:  # the job runs from NeMo-Run's copy of the code: keep runs next to it, on the cluster
+            output_dir = str(Path(job_dir) / "runs")
+        else:
+            output_dir = str(REPO / cfg.run.output_dir)  # an absolute output_dir stays as it is
+        overrides.append(f"run.output_dir={output_dir}")
+        cfg = load_config(config, overrides)
+        if slurm and not args.no_plan:
+            plan = make_plan(cfg, str(config))
+            print(format_plan(plan), file=sys.stderr)
+            if not plan.fits:
+                print(
+                    "error: the config does not fit (see the plan above); --no-plan submits anyway",
+                    file=sys.stderr,
+                )
+                return 1
+    except (ConfigError, PlanError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = "sft" if domain == "sft" else "train"
+    name = f"{domain}_{cfg.run.name}" if domain == "sft" else cfg.run.name
+    try:
+        if args.executor == "local":
+            if settings.nodes > 1:
+                raise LaunchError(
+                    f"the local executor runs one node; the config wants cluster.nodes={settings.nodes}"
+                )
+            nproc = settings.gpus_per_node if model != "tiny" else 1
+            script = megatron_rl_script(command, config, overrides, args.python or sys.executable, nproc)
+            executor = local_executor()
+        else:  # the job runs in NeMo-Run's git-archive copy of this repo: repo files by relative path
+            config_arg = config.relative_to(REPO) if config.is_relative_to(REPO) else config
+            script = megatron_rl_script(command, config_arg, overrides, args.python or "python")
+            executor = slurm_executor(settings, job_dir, args.ssh_host, args.ssh_user)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = run_experiment(name, script, executor, dryrun=args.dryrun, detach=args.detach)
+    result["run_dir"] = str(Path(output_dir) / cfg.run.name)
+    print(json.dumps(result))
+    return (
+        0
+        if result["status"] in ("SUCCEEDED", "DRYRUN") or (args.detach and result["status"] != "FAILED")
+        else 1
+    )
