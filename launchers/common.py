@@ -274,7 +274,7 @@ def main(domain: str, argv: list[str] | None = None) -> int:
         return 2
     result = run_experiment(name, script, executor, dryrun=args.dryrun, detach=args.detach)
     result["run_dir"] = str(Path(output_dir) / cfg.run.name)
-    print(json.dumps(result))
+    print("\n" + json.dumps(result))  # on its own line, after NeMo-Run's progress display
     return (
         0
         if result["status"] in ("SUCCEEDED", "DRYRUN") or (args.detach and result["status"] != "FAILED")
