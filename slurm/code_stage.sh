@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# AceReason stage 2: code-only RL (`megatron-rl train --config $CONFIG --resume`), submitted from the repo root:
+#
+#   MODEL_PATH=/ckpt/math-stage-final DATA_PATH=/data/code.parquet sbatch slurm/code_stage.sh
+#   sbatch --nodes=2 slurm/code_stage.sh rollout.group_size=16 run.steps=500   # sbatch options, then overrides
+#
+# Machines (sbatch options; the #SBATCH lines below are the defaults, command-line options replace them):
+#   --nodes=1 --ntasks-per-node=8 --gpus-per-node=8   one trainer process (task) per GPU
+#   --cpus-per-task=16 --time=04:00:00                --signal=B:USR1@600: checkpoint and requeue 10 min early
+# Settings (environment variables, all optional unless the config needs them):
+#   CONFIG          configs/code_stage_7b.yaml   the stage config (relative paths are from the repo root)
+#   MODEL_PATH      (the config's model.path)    HF checkpoint to start from -> model.path; required when the
+#                                                config is sized for a real model and names none
+#   DATA_PATH       (the config's)               training prompts, JSONL/Parquet -> data.train_path; required
+#                                                when the config reads a file and names none
+#   EVAL_DATA_PATH  (the config's)               held-out prompts -> data.eval_path
+#   OUTPUT_DIR      runs                         -> run.output_dir; the run is OUTPUT_DIR/<run.name>
+#   RUN_NAME        (the config's run.name)      -> run.name
+#   LOG_DIR         $OUTPUT_DIR/logs             the job's log: LOG_DIR/<job name>-<job id>.out
+#   PYTHON          .venv/bin/python or python3  the environment with megatron-rl installed
+#   ROLLOUT_PLACEMENT (unset)                    -> rollout.placement, only when set (the config must have it)
+#   SRUN_WAIT       300                          seconds the other ranks get once one has exited
+#   REPO_DIR        the submit directory         where slurm/common.sh and relative paths are found
+# Arguments after the script are passed to the trainer as dotted overrides (key=value).
+#
+# Placement: the trainer runs the vLLM rollout engine colocated, inside rank 0's process on rank 0's GPU(s);
+# the other ranks only train. Preemption: on SIGUSR1 the trainer saves a checkpoint after its current step and
+# exits with code 85, and the job requeues itself; the requeued job resumes from that checkpoint (--resume).
+#SBATCH --job-name=mrl-code
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=16
+#SBATCH --time=04:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
+if [[ ! -f $REPO_DIR/slurm/common.sh ]]; then
+	echo "error: $REPO_DIR/slurm/common.sh not found: submit from the repository root or set REPO_DIR" >&2
+	exit 2
+fi
+STAGE=code
+DEFAULT_CONFIG=configs/code_stage_7b.yaml
+# shellcheck source=slurm/common.sh
+source "$REPO_DIR/slurm/common.sh"
