@@ -262,7 +262,7 @@ def main(domain: str, argv: list[str] | None = None) -> int:
                 raise LaunchError(
                     f"the local executor runs one node; the config wants cluster.nodes={settings.nodes}"
                 )
-            nproc = settings.gpus_per_node if model != "tiny" else 1
+            nproc = settings.gpus_per_node  # the tiny config's cluster is one node of one device
             script = megatron_rl_script(command, config, overrides, args.python or sys.executable, nproc)
             executor = local_executor()
         else:  # the job runs in NeMo-Run's git-archive copy of this repo: repo files by relative path

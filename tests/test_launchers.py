@@ -14,8 +14,14 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("nemo_run", reason="NeMo-Run is not installed (requirements/*.txt)")
-import nemo_run as run  # noqa: E402
+try:
+    import nemo_run as run
+except ImportError as e:  # a declared requirement: fail loudly rather than skip
+    pytest.fail(
+        f"NeMo-Run does not import ({e}); nemo-run 0.11.1 needs leptonai<0.47: "
+        "pip install --no-deps leptonai==0.27.3 (docs/launching.md)",
+        pytrace=False,
+    )
 from nemo_run.config import get_nemorun_home, set_nemorun_home  # noqa: E402
 
 from launchers.common import (  # noqa: E402
