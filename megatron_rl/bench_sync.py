@@ -3,9 +3,12 @@
     python -m megatron_rl.bench_sync            # or: megatron-rl bench sync
 
 For each model (the tiny one and a ~150M-parameter Qwen2-shaped one, random weights, built locally) this
-loads the Megatron policy and starts a vLLM engine from the same checkpoint, then times full weight syncs:
-export (Megatron parameters -> HF-named tensors in buckets) and push (serialise, send to the vLLM worker,
-per-tensor checksums both ways, in-place load). One warm-up sync, then the median of `--repeats`.
+loads the Megatron policy and starts a vLLM engine from the same checkpoint, then times full weight syncs
+over each weight transport (rollout/transport.py: shm or CUDA IPC handles, a gloo/NCCL broadcast group,
+safetensors bytes through RPC): export (Megatron parameters -> HF-named tensors in buckets) and push (move
+the bytes to the vLLM worker, per-tensor checksums both ways, one in-place load). One warm-up sync per
+transport, then `--repeats` rounds with the transports interleaved (so a busy spell on a shared machine hits
+all of them); the median of each.
 
 Baselines, measured in the same run on the same bytes:
 - vLLM reloading the same weights from the checkpoint on disk (its own `reload_weights`, same in-place load
@@ -27,6 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+
+from megatron_rl.rollout.base import SyncReport
 
 # Vocabulary is the tokenizer's 128, so the parameters sit in the layers. "150m" is the shape that
 # bench_packing uses too (145.0M parameters).
@@ -75,7 +80,13 @@ def _sender_checksum_ms(policy, bucket_bytes: int, repeats: int) -> float:
     return _median_ms(lambda: [tensor_checksum(t) for t in tensors], repeats)[0]
 
 
-def bench_model(name: str, repeats: int, bucket_bytes: int) -> dict:
+def default_transports() -> list[str]:
+    # On a GPU the benchmark's engine shares the trainer's GPU, and NCCL allows one rank per GPU: broadcast
+    # is for engines on other GPUs, so it is timed there only when asked for.
+    return ["ipc", "shm", "rpc"] if torch.cuda.is_available() else ["shm", "broadcast", "rpc"]
+
+
+def bench_model(name: str, repeats: int, bucket_bytes: int, transports: Sequence[str]) -> dict:
     from megatron_rl.model.policy import Policy
     from megatron_rl.model.tiny import TinyShape, write_tiny_checkpoint
     from megatron_rl.rollout.vllm_engine import VLLMEngine
@@ -85,23 +96,27 @@ def bench_model(name: str, repeats: int, bucket_bytes: int) -> dict:
         policy = Policy.from_hf(model_dir)
         engine = VLLMEngine(model_dir, seed=0)
         try:
-            # Full syncs, export and push timed apart; the first one is the warm-up.
-            syncs = []
-            for _ in range(repeats + 1):
+
+            def sync(transport: str) -> tuple[tuple[float, float, float, float], SyncReport, int]:
+                """(export ms, push ms, total ms, vLLM load ms), the report and the number of buckets."""
                 start = time.perf_counter()
                 buckets = list(policy.hf_buckets(bucket_bytes))
                 exported = time.perf_counter()
-                report = engine.update_weights(buckets)  # raises if any checksum differs
+                report = engine.update_weights(buckets, transport=transport)  # raises if a checksum differs
                 done = time.perf_counter()
-                syncs.append(((exported - start) * 1e3, (done - exported) * 1e3, (done - start) * 1e3))
-                num_buckets = len(buckets)
-                del buckets
-            export_ms, push_ms, total_ms = (
-                statistics.median(column) for column in zip(*syncs[1:], strict=True)
-            )
+                ms = ((exported - start) * 1e3, (done - exported) * 1e3, (done - start) * 1e3)
+                return (*ms, report.reload_seconds * 1e3), report, len(buckets)
 
-            # The push verifies each tensor by an exact checksum on both sides; time the sender's half apart,
-            # as it is a large part of the push on a CPU.
+            # Full syncs, export and push timed apart; one warm-up per transport, then rounds interleaved.
+            times: dict[str, list] = {t: [] for t in transports}
+            for t in transports:
+                sync(t)
+            for _ in range(repeats):
+                for t in transports:
+                    row, report, num_buckets = sync(t)
+                    times[t].append(row)
+
+            # The push verifies each tensor by an exact checksum on both sides; time the sender's half apart.
             checksum_ms = _sender_checksum_ms(policy, bucket_bytes, repeats)
 
             # No arguments: the worker reloads from the model path it started from (our checkpoint).
@@ -115,18 +130,31 @@ def bench_model(name: str, repeats: int, bucket_bytes: int) -> dict:
         params = sum(p.numel() for p in policy.model.parameters())
 
     mb = report.bytes / 1e6
+    per_transport = {}
+    for t, rows in times.items():
+        export_ms, push_ms, total_ms, load_ms = (
+            statistics.median(column) for column in zip(*rows, strict=True)
+        )
+        per_transport[t] = {
+            "ms": round(total_ms, 2),
+            "mb_per_s": round(mb / total_ms * 1e3, 1),
+            "export_ms": round(export_ms, 2),
+            "push_ms": round(push_ms, 2),
+            "push_mb_per_s": round(mb / push_ms * 1e3, 1),
+            "vllm_load_ms": round(load_ms, 2),
+            "sync_ms_all": [round(row[2], 2) for row in rows],
+        }
+    first = per_transport[transports[0]]
     return {
         "params": params,
         "tensors": report.tensors,
         "mb": round(mb, 3),
         "buckets": num_buckets,
-        "ms": round(total_ms, 2),
-        "mb_per_s": round(mb / total_ms * 1e3, 1),
-        "export_ms": round(export_ms, 2),
-        "push_ms": round(push_ms, 2),
-        "push_mb_per_s": round(mb / push_ms * 1e3, 1),
+        # The first transport's figures at the top level (the default one: ipc on GPU, shm on CPU).
+        "transport": transports[0],
+        **{k: first[k] for k in ("ms", "mb_per_s", "export_ms", "push_ms", "push_mb_per_s")},
+        "transports": per_transport,
         "checksum_sender_ms": round(checksum_ms, 2),
-        "sync_ms_all": [round(t, 2) for _, _, t in syncs[1:]],
         "baseline_vllm_reload_from_disk_ms": round(reload_ms, 2),
         "baseline_vllm_reload_from_disk_mb_per_s": round(mb / reload_ms * 1e3, 1),
         "baseline_memcpy_ms": round(memcpy_ms, 3),
@@ -140,11 +168,16 @@ def markdown_table(results: dict[str, dict]) -> str:
         "|---|---:|---:|---:|---|---:|---:|",
     ]
     for name, r in results.items():
-        lines = [
-            ("**full sync** (export + push)", r["ms"], r["mb_per_s"]),
-            ("export: Megatron -> HF tensors", r["export_ms"], None),
-            ("push: send + checksums + vLLM load", r["push_ms"], r["push_mb_per_s"]),
-            ("of which: sender-side checksums (timed apart)", r["checksum_sender_ms"], None),
+        lines = []
+        for t, x in r["transports"].items():
+            lines += [
+                (f"**full sync, {t}** (export + push)", x["ms"], x["mb_per_s"]),
+                (f"push, {t}: send + checksums + vLLM load", x["push_ms"], x["push_mb_per_s"]),
+                (f"of which vLLM load (reload_weights), {t}", x["vllm_load_ms"], None),
+            ]
+        lines += [
+            ("export: Megatron -> HF tensors (first transport's syncs)", r["export_ms"], None),
+            ("sender-side checksums (timed apart)", r["checksum_sender_ms"], None),
             (
                 "baseline: vLLM reload from disk",
                 r["baseline_vllm_reload_from_disk_ms"],
@@ -165,12 +198,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", default="tiny,150m", help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed syncs per model (after one warm-up)")
     parser.add_argument("--bucket-mb", type=float, default=64.0, help="export bucket size in MiB")
+    parser.add_argument(
+        "--transports",
+        default=",".join(default_transports()),
+        help="comma-separated weight transports to time, the first one also at the top level of the JSON",
+    )
     parser.add_argument("--out", help="also write the JSON results to this path")
     args = parser.parse_args(argv)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in names if m not in MODELS]
     if unknown or not names or args.repeats < 1:
         parser.error(f"--models must name some of {', '.join(MODELS)} and --repeats must be >= 1")
+    from megatron_rl.rollout.transport import resolve_transport
+
+    try:
+        transports = list(
+            dict.fromkeys(
+                resolve_transport(t.strip(), torch.cuda.is_available())
+                for t in args.transports.split(",")
+                if t.strip()
+            )
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    if not transports:
+        parser.error("--transports must name at least one transport")
 
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 
@@ -179,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"device: {device}; load average {load_before:.2f}", flush=True)
     init_distributed(ParallelLayout(tp=1, pp=1))
     try:
-        results = {name: bench_model(name, args.repeats, int(args.bucket_mb * (1 << 20))) for name in names}
+        bucket_bytes = int(args.bucket_mb * (1 << 20))
+        results = {name: bench_model(name, args.repeats, bucket_bytes, transports) for name in names}
     finally:
         shutdown()
     summary = {
@@ -187,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "repeats": args.repeats,
         "bucket_mb": args.bucket_mb,
+        "transports": transports,
         "dtype": "float32",
         "models": results,
     }

@@ -16,10 +16,16 @@ from megatron_rl.rollout import WeightSyncError
 from megatron_rl.rollout.transport import SHM_PREFIX, shm_dir
 from megatron_rl.rollout.weight_sync import tensor_checksum
 
-# Every transport runs on one engine (update_weights(..., transport=...)); CUDA IPC only where there is CUDA.
+# Every transport runs on one engine (update_weights(..., transport=...)). CUDA IPC only where there is CUDA;
+# broadcast only on the CPU here: on a GPU this engine shares the trainer's GPU, and NCCL allows one rank per
+# GPU (tests/test_weight_transport.py checks the NCCL group on two GPUs).
+BROADCAST = pytest.param(
+    "broadcast",
+    marks=pytest.mark.skipif(torch.cuda.is_available(), reason="NCCL needs the engine on another GPU"),
+)
 TRANSPORTS = [
     "shm",
-    "broadcast",
+    BROADCAST,
     "rpc",
     pytest.param(
         "ipc",
@@ -148,7 +154,7 @@ def _rss_kib(pid) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
-@pytest.mark.parametrize("transport", ["shm", "broadcast", "rpc"])
+@pytest.mark.parametrize("transport", ["shm", BROADCAST, "rpc"])
 def test_repeated_pushes_reuse_buffers_and_release_them(engine, tiny_ckpt, transport):
     """Buffers are per bucket slot and reused: ten pushes hold what one does (no /dev/shm file left, no new
     mappings, worker memory flat); releasing them unmaps them on both sides, and the next push re-creates."""
@@ -194,6 +200,7 @@ def test_model_does_not_alias_the_shared_buffers(engine, tiny_ckpt):
 def test_verify_sync_over_each_transport(tiny_ckpt):
     """verify-sync with one engine and one Megatron policy, once per transport (the engine reloads the
     checkpoint between them): each push alone brings vLLM's logprobs to Megatron's within 1e-5."""
+    transports = ["ipc", "shm", "rpc"] if torch.cuda.is_available() else ["shm", "broadcast", "rpc"]
     proc = subprocess.run(
         [
             sys.executable,
@@ -202,7 +209,7 @@ def test_verify_sync_over_each_transport(tiny_ckpt):
             "--model",
             tiny_ckpt,
             "--transport",
-            "shm,broadcast,rpc",
+            ",".join(transports),
         ],
         capture_output=True,
         text=True,
@@ -210,7 +217,7 @@ def test_verify_sync_over_each_transport(tiny_ckpt):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(result["transports"]) == ["shm", "broadcast", "rpc"]
+    assert list(result["transports"]) == transports
     for name, check in result["transports"].items():
         assert check["transport"] == name
         assert check["max_abs_logprob_diff_t1.0"] <= 1e-5, name

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from megatron_rl.rollout import WeightSyncError
 from megatron_rl.rollout.transport import (
     ALIGN,
+    SHM_PREFIX,
     SharedBuffer,
     flat_layout,
     join_weight_group,
@@ -215,3 +216,14 @@ def test_nccl_weight_group_broadcast():
     from megatron_rl.distributed import free_port
 
     run_distributed(_nccl_broadcast, 2, free_port())
+
+
+def test_shared_memory_too_small_is_a_clear_error():
+    """A full /dev/shm (Docker gives 64 MB by default) is refused up front, not a SIGBUS on the first write."""
+    with pytest.raises(
+        WeightSyncError, match=r"no room for a .* weight buffer in /dev/shm .*'broadcast' or 'rpc'"
+    ):
+        SharedBuffer(1 << 50, torch.device("cpu"))  # 1 PB
+    assert not [
+        f for f in os.listdir("/dev/shm") if f.startswith(f"{SHM_PREFIX}{os.getpid()}-")
+    ]  # no file left

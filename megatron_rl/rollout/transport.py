@@ -133,9 +133,16 @@ class SharedBuffer:
             self.path = os.path.join(shm_dir(), f"{SHM_PREFIX}{os.getpid()}-{self.id}")
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                os.ftruncate(fd, max(nbytes, 1))
-            finally:
+                # Reserve the pages now: on a full tmpfs a write into a merely truncated file is a SIGBUS.
+                os.posix_fallocate(fd, 0, max(nbytes, 1))
+            except OSError as e:
                 os.close(fd)
+                os.unlink(self.path)
+                raise WeightSyncError(
+                    f"no room for a {nbytes / 1e6:.1f} MB weight buffer in {shm_dir()} ({e.strerror}): enlarge it "
+                    "(docker run --shm-size) or use weight_transport='broadcast' or 'rpc'"
+                ) from None
+            os.close(fd)
             self.tensor = torch.from_file(self.path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)
             self.handle = {"kind": "shm", "id": self.id, "nbytes": nbytes, "path": self.path}
 

@@ -133,8 +133,8 @@ class VLLMEngine:
     ) -> SyncReport:
         """Push the whole model. `buckets` must cover every tensor; the manifest is sent first, so a wrong
         name or shape is refused before any weight changes. `transport` overrides the engine's default."""
-        name = self.weight_transport if transport is None else resolve_transport(transport, self.on_gpu)
-        sender = self._transport(name)
+        kind = self.weight_transport if transport is None else resolve_transport(transport, self.on_gpu)
+        sender = self._transport(kind)
         start = time.perf_counter()
         buckets = list(buckets) if not isinstance(buckets, list) else buckets
         manifest = {name: list(t.shape) for bucket in buckets for name, t in bucket}
@@ -159,7 +159,7 @@ class VLLMEngine:
             bytes=nbytes,
             seconds=time.perf_counter() - start,
             checksums=received,
-            transport=name,
+            transport=kind,
             reload_seconds=finished["reload_s"],
         )
 
