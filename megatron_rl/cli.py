@@ -56,6 +56,9 @@ def verify_sync_cmd(
     bucket_mb: float = 64.0,
     max_tokens: int = 24,
     seed: int = 0,
+    transport: Annotated[
+        str, typer.Option("--transport", help="comma-separated: auto, shm, ipc, broadcast, rpc")
+    ] = "auto",
 ) -> None:
     """Push perturbed Megatron weights into vLLM and check that sampled-token logprobs match (fp32, 1e-5)."""
     from megatron_rl.model.hf_config import ModelConfigError, load_hf_config
@@ -65,7 +68,15 @@ def verify_sync_cmd(
         load_hf_config(model).check_parallel(tp, 1)
     except ModelConfigError as e:
         _fail(str(e))
-    result = verify_sync(str(model), tp=tp, bucket_mb=bucket_mb, max_tokens=max_tokens, seed=seed)
+    from megatron_rl.rollout.transport import TRANSPORTS
+
+    transports = tuple(t.strip() for t in transport.split(",") if t.strip())
+    unknown = [t for t in transports if t not in TRANSPORTS] or ([] if transports else [transport])
+    if unknown:
+        _fail(f"--transport: '{unknown[0]}' is not one of {', '.join(TRANSPORTS)}")
+    result = verify_sync(
+        str(model), tp=tp, bucket_mb=bucket_mb, max_tokens=max_tokens, seed=seed, transports=transports
+    )
     typer.echo(json.dumps(result))
     if not result["max_abs_logprob_diff"] <= TOLERANCE:  # NaN fails too
         raise typer.Exit(1)

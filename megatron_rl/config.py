@@ -60,6 +60,10 @@ class RolloutCfg(Strict):
     engine_nodes: int = Field(0, ge=0)  # nodes given to vLLM when placement is separate
     max_num_seqs: int | None = Field(None, ge=1)  # sequences one engine runs at once; None: its whole share
     max_prompt_tokens: int = Field(1024, ge=1)  # longest prompt `plan` sizes KV cache + micro-batches for
+    # How weights reach vLLM (rollout/transport.py): auto = CUDA IPC on GPU, shared memory on CPU (colocated);
+    # broadcast = a gloo/NCCL group with the engine's workers (engines on other GPUs/nodes); rpc = bytes via RPC.
+    weight_transport: Literal["auto", "shm", "ipc", "broadcast", "rpc"] = "auto"
+    broadcast_host: str = "127.0.0.1"  # rendezvous address of trainer rank 0 for the broadcast transport
 
 
 class GRPOCfg(Strict):

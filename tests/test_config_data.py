@@ -115,3 +115,31 @@ def test_cli_missing_dataset_file_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: dataset file '{missing}' does not exist"
     assert "Traceback" not in proc.stderr
+
+
+def test_prompts_longer_than_max_prompt_tokens_are_skipped_and_counted(tiny_ckpt):
+    from transformers import AutoTokenizer
+
+    from megatron_rl.data.dataset import Problem, PromptDataset
+    from megatron_rl.train.rollouts import fitting_prompts, next_problems
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_ckpt)
+    cfg = load_config(None, ["data.prompt_template=raw", "rollout.max_prompt_tokens=4"])
+    data = PromptDataset([Problem("1+1=", "2"), Problem("12+13=", "25"), Problem("2+2=", "4")], "mem")
+    problems, position, skipped = next_problems(data, 0, 2, tokenizer, cfg)
+    assert [p.prompt for p in problems] == ["1+1=", "2+2="] and (position, skipped) == (3, 1)
+    assert fitting_prompts(data.problems, tokenizer, cfg, "eval set") == [data.problems[0], data.problems[2]]
+    tight = load_config(None, ["rollout.max_prompt_tokens=2"])
+    with pytest.raises(ValueError, match="max_prompt_tokens=2"):
+        next_problems(data, 0, 1, tokenizer, tight)
+
+
+def test_cli_verify_sync_unknown_transport_is_one_line(tiny_ckpt):
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_rl.cli", "verify-sync", "--model", tiny_ckpt, "--transport", "shm,nccl"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip().splitlines()[-1].startswith("error: --transport: 'nccl' is not one of auto, shm")
+    )

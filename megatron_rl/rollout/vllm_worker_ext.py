@@ -13,6 +13,7 @@ nothing; the reload copies them into the model, which keeps no reference to them
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -28,10 +29,15 @@ from megatron_rl.rollout.weight_sync import (
     tensor_checksum,
 )
 
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
 
 class WeightSyncExtension:
     # ------------------------------------------------------------------------------------ one push
     def mrl_begin_sync(self, manifest: dict[str, list[int]]) -> int:
+        if not getattr(self, "_mrl_quieted", False):
+            logging.getLogger(RELOAD_LOGGER).addFilter(self.mrl_quiet_rotary_warning)
+            self._mrl_quieted = True
         cfg = load_hf_config(self.model_config.model)
         allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
         manifest = {name: tuple(shape) for name, shape in manifest.items()}
@@ -59,6 +65,12 @@ class WeightSyncExtension:
         start = time.perf_counter()
         self.model_runner.reload_weights(weights_iterator=iter(staged.items()))
         return {"tensors": len(staged), "reload_s": time.perf_counter() - start}
+
+    @staticmethod
+    def mrl_quiet_rotary_warning(record: logging.LogRecord) -> bool:
+        """vLLM's reload warns "RotaryEmbedding: Failed to load weights" on every push: the rotary cache is a
+        buffer no checkpoint carries, and the reload puts it back as it was. Drop that one line."""
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
 
     # ------------------------------------------------------------------------------------ shm / ipc
     def mrl_load_shared(self, handle: dict, specs: list) -> dict[str, int]:

@@ -25,7 +25,7 @@ from megatron_rl.train import preemption
 from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.train.evaluate import evaluate
 from megatron_rl.train.metrics import MetricsLogger
-from megatron_rl.train.rollouts import collect_rollouts
+from megatron_rl.train.rollouts import collect_rollouts, fitting_prompts
 from megatron_rl.train.sft import run_sft
 from megatron_rl.train.update import policy_update
 
@@ -129,15 +129,25 @@ def train(cfg: Config, resume: bool = False) -> dict:
         from megatron_rl.rewards import RewardPool
         from megatron_rl.rollout.vllm_engine import VLLMEngine
 
+        engine_options = {"max_num_seqs": cfg.rollout.max_num_seqs} if cfg.rollout.max_num_seqs else {}
         engine = VLLMEngine(
             str(base_dir),
-            tensor_parallel_size=1,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
             dtype=cfg.model.dtype,
             seed=cfg.run.seed,
+            max_model_len=min(
+                cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens,
+                policy.cfg.max_position_embeddings,
+            ),
             cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            enable_sleep_mode=torch.cuda.is_available() and cfg.rollout.colocate_sleep,
+            weight_transport=cfg.rollout.weight_transport,
+            broadcast_host=cfg.rollout.broadcast_host,
+            **engine_options,
         )
         tokenizer = engine.tokenizer
+        eval_problems = fitting_prompts(eval_problems, tokenizer, cfg, "eval set")
         pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
 
     def held_out_accuracy() -> float:
@@ -195,9 +205,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
             else None
         )
         batch = broadcast(batch)
+        if engine is not None:
+            engine.sleep()  # colocated on a GPU: vLLM's weights and KV cache make room for training
         t_train = time.perf_counter()
         train_metrics = policy_update(policy, optimizer, scheduler, batch, cfg)
         train_seconds = time.perf_counter() - t_train
+        if engine is not None:
+            engine.wake_up()
         sync_metrics = sync_weights(policy, engine)
         state = {"step": step, "data_position": batch.data_position}
         step_seconds = time.perf_counter() - t_step

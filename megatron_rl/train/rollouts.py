@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sized
 from dataclasses import dataclass, field
 
 import torch
 
 from megatron_rl.algo.grpo import group_advantages, informative_groups, loss_mask
 from megatron_rl.data.prompts import render_prompt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,6 +27,46 @@ class RolloutBatch:
     texts: list[str] = field(default_factory=list)
     data_position: int = 0  # the next unused prompt index after this batch
     stats: dict[str, float] = field(default_factory=dict)
+
+
+def prompt_fits(problem, tokenizer, cfg) -> bool:
+    ids = render_prompt(problem, tokenizer, cfg.data.prompt_template, cfg.data.instruction)
+    return len(ids) <= cfg.rollout.max_prompt_tokens
+
+
+def fitting_prompts(problems: list, tokenizer, cfg, what: str) -> list:
+    """The problems whose rendered prompt is at most rollout.max_prompt_tokens; the rest skipped and counted."""
+    kept = [p for p in problems if prompt_fits(p, tokenizer, cfg)]
+    if len(kept) < len(problems):
+        log.warning(
+            "%s: %d of %d prompts are longer than rollout.max_prompt_tokens=%d and are skipped",
+            what,
+            len(problems) - len(kept),
+            len(problems),
+            cfg.rollout.max_prompt_tokens,
+        )
+    if not kept:
+        raise ValueError(f"{what}: no prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
+    return kept
+
+
+def next_problems(dataset, data_position: int, count: int, tokenizer, cfg) -> tuple[list, int, int]:
+    """`count` training problems from `data_position` on, skipping prompts longer than max_prompt_tokens.
+
+    Returns (problems, the next data position, how many were skipped)."""
+    problems, skipped = [], 0
+    while len(problems) < count:
+        problem = dataset.train_problem(data_position)
+        data_position += 1
+        if prompt_fits(problem, tokenizer, cfg):
+            problems.append(problem)
+            continue
+        skipped += 1
+        if isinstance(dataset, Sized) and skipped >= len(dataset):  # a whole epoch and none fits
+            raise ValueError(
+                f"no training prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}"
+            )
+    return problems, data_position, skipped
 
 
 def score(pool, texts: list[str], problems: list, cfg) -> list[float]:
@@ -61,12 +105,12 @@ def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, 
     g, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
     kept_samples, kept_rewards, kept_answers_groups = [], [], 0
     seconds = {"rollout": 0.0, "reward": 0.0}
-    generated = dropped = 0
+    generated = dropped = too_long = 0
     rounds = 0
     while kept_answers_groups < want:
         need = want - kept_answers_groups
-        problems = [dataset.train_problem(data_position + i) for i in range(need)]
-        data_position += need
+        problems, data_position, skipped = next_problems(dataset, data_position, need, tokenizer, cfg)
+        too_long += skipped
         samples, rewards, t_gen, t_reward = sample_and_score(
             engine, pool, problems, tokenizer, cfg, seed + rounds * 7919, g, cfg.rollout.temperature
         )
@@ -99,6 +143,7 @@ def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, 
         "truncated_fraction": sum(truncated) / len(truncated),
         "samples_generated": float(generated),
         "groups_dropped": float(dropped),
+        "prompts_too_long": float(too_long),
         "time_rollout_s": seconds["rollout"],
         "time_reward_s": seconds["reward"],
     }
