@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_rl.train.optimizer import load_local_state_dict, local_state_dict
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,12 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: d
     dist.barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "rng": _rng_state(), "layout": _layout(), "train": train_state},
+        {
+            "optimizer": local_state_dict(optimizer),
+            "rng": _rng_state(),
+            "layout": _layout(),
+            "train": train_state,
+        },
         tmp / f"rank_{rank:04d}.pt",
     )
     dist.barrier()
@@ -108,6 +115,6 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         )
         return state["train"]  # the loop's position is the same on every rank
     state = _read_rank_file(path, dist.get_rank())
-    optimizer.load_state_dict(state["optimizer"])
+    load_local_state_dict(optimizer, state["optimizer"])
     _set_rng_state(state["rng"])
     return state["train"]

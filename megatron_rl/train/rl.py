@@ -25,6 +25,7 @@ from megatron_rl.train import preemption
 from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.train.evaluate import evaluate
 from megatron_rl.train.metrics import MetricsLogger
+from megatron_rl.train.optimizer import build_optimizer
 from megatron_rl.train.rollouts import collect_rollouts, fitting_prompts
 from megatron_rl.train.sft import run_sft
 from megatron_rl.train.update import policy_update
@@ -169,9 +170,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         sft_accuracy = held_out_accuracy()
 
     # ---- RL
-    optimizer = torch.optim.AdamW(
-        policy.model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-    )
+    optimizer = build_optimizer([p for p in policy.model.parameters() if p.requires_grad], cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     state = {"step": 0, "data_position": 0}
     if resume_from is not None:
