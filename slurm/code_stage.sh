@@ -2,11 +2,12 @@
 # AceReason stage 2: code-only RL (`megatron-rl train --config $CONFIG --resume`), submitted from the repo root:
 #
 #   MODEL_PATH=/ckpt/math-stage-final DATA_PATH=/data/code.parquet sbatch slurm/code_stage.sh
-#   sbatch --nodes=2 slurm/code_stage.sh rollout.group_size=16 run.steps=500   # sbatch options, then overrides
+#   CONFIG=configs/code_stage_14b.yaml sbatch --nodes=8 slurm/code_stage.sh run.steps=200   # options, overrides
 #
 # Machines (sbatch options; the #SBATCH lines below are the defaults, command-line options replace them):
-#   --nodes=1 --ntasks-per-node=8 --gpus-per-node=8   one trainer process (task) per GPU
-#   --cpus-per-task=16 --time=04:00:00                --signal=B:USR1@600: checkpoint and requeue 10 min early
+#   --nodes=4 --ntasks-per-node=8 --gpus-per-node=8   one trainer process (task) per GPU; the 7B config is sized
+#   --cpus-per-task=16 --time=04:00:00                for 4 x 8 GPUs (its cluster: section, `megatron-rl plan`)
+#   --signal=B:USR1@600                               checkpoint and requeue 10 min before the time limit
 # Settings (environment variables, all optional unless the config needs them):
 #   CONFIG          configs/code_stage_7b.yaml   the stage config (relative paths are from the repo root)
 #   MODEL_PATH      (the config's model.path)    HF checkpoint to start from -> model.path; required when the
@@ -27,7 +28,7 @@
 # the other ranks only train. Preemption: on SIGUSR1 the trainer saves a checkpoint after its current step and
 # exits with code 85, and the job requeues itself; the requeued job resumes from that checkpoint (--resume).
 #SBATCH --job-name=mrl-code
-#SBATCH --nodes=1
+#SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16

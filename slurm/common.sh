@@ -50,25 +50,40 @@ overrides+=("$@")
 # Validate the config once here (a config error would otherwise be printed by every rank), and name the
 # variable a config needs but did not get: a config sized for a real model (model.architecture) without
 # model.path needs MODEL_PATH; one that reads prompts from a file without data.train_path needs DATA_PATH.
-"$PYTHON" - "$CONFIG" "${overrides[@]}" <<'PY' || exit 2
+# A sized config whose cluster: section differs from this job's nodes and tasks gets a warning.
+checks=$("$PYTHON" - "$CONFIG" "${overrides[@]}" 2>&1 <<'PY'
+import os
 import sys
 
 from megatron_rl.config import ConfigError, load_config
 
+path = sys.argv[1]
 try:
-    cfg = load_config(sys.argv[1], sys.argv[2:])
+    cfg = load_config(path, sys.argv[2:])
 except ConfigError as e:
     sys.exit(f"error: {e}")
-if getattr(cfg.model, "architecture", None) and not cfg.model.path:
-    sys.exit(f"error: MODEL_PATH is required: {sys.argv[1]} is sized for {cfg.model.architecture} and sets no model.path")
+architecture = getattr(cfg.model, "architecture", None)
+if architecture and not cfg.model.path:
+    sys.exit(f"error: MODEL_PATH is required: {path} is sized for {architecture} and sets no model.path")
 if cfg.data.source == "file" and not cfg.data.train_path:
-    sys.exit(f"error: DATA_PATH is required: {sys.argv[1]} reads prompts from a file and sets no data.train_path")
+    sys.exit(f"error: DATA_PATH is required: {path} reads prompts from a file and sets no data.train_path")
+cluster = getattr(cfg, "cluster", None)
+nodes, tasks = int(os.environ.get("SLURM_JOB_NUM_NODES", 1)), int(os.environ.get("SLURM_NTASKS", 1))
+if architecture and cluster and (nodes, tasks) != (cluster.nodes, cluster.nodes * cluster.gpus_per_node):
+    print(f"warning: {path} is sized for {cluster.nodes} node(s) x {cluster.gpus_per_node} GPU(s) (its cluster: "
+          f"section, see megatron-rl plan); this job has {nodes} node(s) and {tasks} task(s)")
 PY
+) || {
+	echo "${checks:-error: the config check failed}" >&2
+	exit 2
+}
 
-mkdir -p "$LOG_DIR"
+mkdir -p "$OUTPUT_DIR" "$LOG_DIR"
 LOG_FILE=$LOG_DIR/${SLURM_JOB_NAME:-$STAGE}-$SLURM_JOB_ID.out
+[[ -z $checks ]] || echo "$checks"
 echo "megatron-rl $STAGE stage: job $SLURM_JOB_ID, log $LOG_FILE"
 exec >>"$LOG_FILE" 2>&1
+[[ -z $checks ]] || echo "$checks"
 
 MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-127.0.0.1}" | head -n 1)
 MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000)) # the same formula as megatron_rl.distributed.slurm_rendezvous
@@ -77,7 +92,8 @@ if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then export OMP_NUM_THREADS=${OMP_NUM_THRE
 
 # The trainer polls this file after every RL step (preemption.py). A file and not a signal to the step: Slurm
 # delivers a step's signals to all of its processes, vLLM's engine and the reward workers included.
-export MEGATRON_RL_STOP_FILE=$OUTPUT_DIR/.stop-$SLURM_JOB_ID
+MEGATRON_RL_STOP_FILE=$(cd "$OUTPUT_DIR" && pwd)/.stop-$SLURM_JOB_ID
+export MEGATRON_RL_STOP_FILE
 rm -f "$MEGATRON_RL_STOP_FILE"
 
 case $STAGE in
@@ -102,14 +118,16 @@ echo "[$(date '+%F %T')] job $SLURM_JOB_ID (${SLURM_JOB_NAME:-}) restart ${SLURM
 echo "[$(date '+%F %T')] $PYTHON -m megatron_rl.cli ${cmd[*]} ${overrides[*]}"
 
 # srun in the background so that the traps run while it works; --wait: once one task has ended, the others get
-# SRUN_WAIT seconds to end too (a crashed rank must not leave the rest blocked in a collective forever).
-srun --label --wait="$SRUN_WAIT" "$PYTHON" -m megatron_rl.cli "${cmd[@]}" "${overrides[@]}" &
+# SRUN_WAIT seconds to end too (a crashed rank must not leave the rest blocked in a collective forever);
+# --kill-on-bad-exit=0: ranks leaving with code 85 one after another must not be killed (their code matters).
+srun --label --wait="$SRUN_WAIT" --kill-on-bad-exit=0 "$PYTHON" -m megatron_rl.cli "${cmd[@]}" "${overrides[@]}" &
 srun_pid=$!
 while :; do
 	interrupted=""
 	rc=0
 	wait "$srun_pid" || rc=$?
-	[[ -n $interrupted ]] || break # a trapped signal cuts `wait` short: wait again (bash keeps the exit status)
+	# A trapped signal cuts `wait` short (status 128 + signal): srun is still running, wait again.
+	[[ -n $interrupted && $rc -gt 128 ]] || break
 done
 rm -f "$MEGATRON_RL_STOP_FILE"
 echo "[$(date '+%F %T')] trainer exited with code $rc"

@@ -32,6 +32,7 @@ SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 SETTINGS = ("CONFIG", "MODEL_PATH", "DATA_PATH", "EVAL_DATA_PATH", "OUTPUT_DIR", "RUN_NAME", "LOG_DIR",
             "ROLLOUT_PLACEMENT", "REPO_DIR", "SRUN_WAIT")  # fmt: skip
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"}
 INSTALL_HINT = "run `make system-deps` as root (installs slurmctld slurmd slurm-client munge shellcheck)"
 
 # The quick tiny run (no SFT, 1-digit problems, a few short samples), as in test_train_run.py but smaller.
@@ -118,15 +119,19 @@ class Cluster:
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
     def wait_job(self, job_id: str, until, timeout: float) -> dict[str, str]:
-        return _wait_for(
-            lambda: (lambda j: j if until(j) else None)(self.job(job_id)), timeout, f"job {job_id}"
-        )
+        def check():
+            job = self.job(job_id)
+            if job.get("JobState") == "PENDING" and job.get("Reason") in NEVER_STARTS:
+                raise AssertionError(f"job {job_id} can never start here: {job['Reason']}")
+            return job if until(job) else None
+
+        return _wait_for(check, timeout, f"job {job_id}")
 
     def submit(self, script: str, out_dir: Path, overrides: list[str]) -> str:
         env = {k: v for k, v in self.env.items() if k not in SETTINGS}
         env |= {"CONFIG": "configs/tiny_math.yaml", "OUTPUT_DIR": str(out_dir), "PYTHON": sys.executable}
         proc = subprocess.run(
-            ["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+            ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
              f"--output={out_dir}/sbatch-%j.out", script, *overrides],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -297,6 +302,11 @@ def _stage(tmp_path, *overrides: str, **env: str) -> subprocess.CompletedProcess
 def test_stage_script_names_what_is_missing(tmp_path):
     outside = _stage(tmp_path, SLURM_JOB_ID="")
     assert outside.returncode == 2 and "not inside a Slurm job" in outside.stderr
+    no_model_7b = _stage(tmp_path)  # math_stage.sh's default config is sized for a 7B model it must be given
+    assert no_model_7b.returncode == 2, no_model_7b.stderr
+    assert no_model_7b.stderr.strip().splitlines() == [
+        "error: MODEL_PATH is required: configs/math_stage_7b.yaml is sized for qwen2-7b and sets no model.path"
+    ]
     no_config = _stage(tmp_path, CONFIG="configs/nope.yaml")
     assert no_config.returncode == 2 and "CONFIG=configs/nope.yaml does not exist" in no_config.stderr
     no_data = _stage(tmp_path, "data.source=file", CONFIG="configs/tiny_math.yaml")
