@@ -58,3 +58,42 @@ def _sharded_matches_plain(rank: int, world: int, model_dir: str, out: str) -> N
 
 def test_distributed_optimizer_matches_adamw_and_resumes(tiny_ckpt, tmp_path):
     run_distributed(_sharded_matches_plain, 2, tiny_ckpt, str(tmp_path / "checkpoints"))
+
+
+def _bf16_master_weights(rank: int, world: int, model_dir: str, out: str) -> None:
+    """Steps far below bf16's resolution are lost by a bf16 AdamW but accumulate in the fp32 masters."""
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_rl.train.optimizer import FP32MasterWeights, build_optimizer
+
+    init_distributed(ParallelLayout(), rank=rank, world_size=world)
+    try:
+        cfg = load_config(None, ["optim.lr=1e-5"]).optim
+        mixed = Policy.from_hf(model_dir, params_dtype=torch.bfloat16)
+        pure = Policy.from_hf(model_dir, params_dtype=torch.bfloat16)
+        start = [p.detach().clone() for p in mixed.model.parameters()]
+        mixed_opt = build_optimizer(list(mixed.model.parameters()), cfg)
+        pure_opt = torch.optim.AdamW(pure.model.parameters(), lr=cfg.lr)
+        assert isinstance(mixed_opt, FP32MasterWeights)
+        for _ in range(20):
+            _step(mixed, mixed_opt)
+            _step(pure, pure_opt)
+        moved_mixed = sum(int((p != s).sum()) for p, s in zip(mixed.model.parameters(), start, strict=True))
+        moved_pure = sum(int((p != s).sum()) for p, s in zip(pure.model.parameters(), start, strict=True))
+        assert moved_mixed > 3 * max(1, moved_pure), (moved_mixed, moved_pure)
+        assert any(p.dtype == torch.bfloat16 for p in mixed.model.parameters())
+        for p, m in zip(mixed.model.parameters(), mixed_opt.master, strict=True):
+            assert m.dtype == torch.float32 and torch.equal(p, m.to(p.dtype))
+
+        save_checkpoint(Path(out), 20, mixed.model, mixed_opt, {"step": 20, "data_position": 0}, keep=1)
+        fresh = Policy.from_hf(model_dir, params_dtype=torch.bfloat16)
+        fresh_opt = build_optimizer(list(fresh.model.parameters()), cfg)
+        load_checkpoint(latest_checkpoint(Path(out)), fresh.model, fresh_opt)
+        for a, b in zip(mixed_opt.master, fresh_opt.master, strict=True):
+            assert torch.equal(a, b)  # the masters, not their bf16 rounding, come back
+    finally:
+        shutdown()
+
+
+def test_bf16_model_keeps_fp32_master_weights(tiny_ckpt, tmp_path):
+    run_distributed(_bf16_master_weights, 1, tiny_ckpt, str(tmp_path / "checkpoints"))

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_rl.train.optimizer import load_local_state_dict, local_state_dict
+from megatron_rl.train.optimizer import FP32MasterWeights, load_local_state_dict, local_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,8 @@ def _read_rank_file(path: Path, rank: int) -> dict:
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG; returns the saved train state (step, data position, ...)."""
     load_model_weights(path, model)
+    if isinstance(optimizer, FP32MasterWeights):
+        optimizer.refresh_from_model()  # kept only if the layout changed; otherwise the saved masters win
     state = _read_rank_file(path, 0)
     if state["layout"] != _layout():
         log.warning(
