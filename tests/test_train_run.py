@@ -55,11 +55,11 @@ def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     proc = subprocess.run(_args(out, "full", 4), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return out / "full", json.loads(proc.stdout.strip().splitlines()[-1])
+    return out / "full", json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
 def test_short_run_logs_every_metric(full_run):
-    run_dir, result = full_run
+    run_dir, result, stderr = full_run
     assert set(result) == {"sft_accuracy", "rl_accuracy", "minutes", "run_dir"}
     records = _last_per_step(run_dir)
     assert sorted(records) == [1, 2, 3, 4]
@@ -68,10 +68,13 @@ def test_short_run_logs_every_metric(full_run):
     assert records[1]["mismatch_max_abs_diff"] < 1e-5  # trainer recompute == vLLM's sampling logprobs (fp32)
     assert any(r["grad_norm"] > 0 for r in records.values())  # some groups had a learning signal
     assert (run_dir / "tensorboard").is_dir() and (run_dir / "sft_model" / "model.safetensors").is_file()
+    final = run_dir / "final_model"
+    assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()  # next stage's model
+    assert "step 4/4 reward" in stderr  # off a terminal, one plain progress line per step
 
 
 def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
-    run_dir_full, _ = full_run
+    run_dir_full, _, _ = full_run
     name = "killed"
     proc = subprocess.Popen(_args(tmp_path, name, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip

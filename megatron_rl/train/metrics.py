@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -32,7 +34,19 @@ class MetricsLogger:
                 )
             except ImportError:
                 log.warning("wandb_project is set but wandb is not installed; skipping W&B logging")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="RL", unit="step", dynamic_ncols=True)
+        # A live bar on a terminal; in a batch log (Slurm, NeMo-Run) one plain line per step instead.
+        self.interactive = sys.stderr.isatty()
+        self.total_steps = total_steps
+        self.started = time.perf_counter()
+        self.start_step = start_step
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="RL",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not self.interactive,
+        )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **metrics}
@@ -49,6 +63,20 @@ class MetricsLogger:
             ent=f"{metrics.get('entropy_mean', 0):.2f}",
         )
         self.bar.update(1)
+        if not self.interactive:
+            done = step - self.start_step
+            eta_min = (time.perf_counter() - self.started) / max(1, done) * (self.total_steps - step) / 60
+            log.info(
+                "step %d/%d reward %.3f accuracy %.3f length %.0f entropy %.3f %.1fs/step ETA %.1f min",
+                step,
+                self.total_steps,
+                metrics.get("reward_mean", 0.0),
+                metrics.get("accuracy", 0.0),
+                metrics.get("response_length_mean", 0.0),
+                metrics.get("entropy_mean", 0.0),
+                metrics.get("time_step_s", 0.0),
+                eta_min,
+            )
 
     def close(self) -> None:
         self.bar.close()

@@ -238,6 +238,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         metrics_log.close()
 
     rl_accuracy = held_out_accuracy()
+    save_hf_checkpoint(policy, run_dir / "final_model")  # the next stage's model.path (e.g. math -> code)
     result = {
         "sft_accuracy": round(sft_accuracy, 4),
         "rl_accuracy": round(rl_accuracy, 4),
