@@ -105,15 +105,26 @@ def test_code_rows_load_and_score_through_the_stage_reward(tmp_path):
         assert score(pool, [solve, wrong], [data.problems[0]] * 2, cfg) == [1.0, 0.0]
 
 
-def test_cli_missing_dataset_file_is_one_line(tmp_path):
+@pytest.mark.parametrize("case", ["missing dataset", "separate placement"])
+def test_cli_run_setup_errors_are_one_line(tmp_path, case):
+    """Errors found after the trainer started (distributed set up) still end in one line, no traceback."""
     missing = tmp_path / "nope.jsonl"
+    overrides, message = {
+        "missing dataset": (
+            ["data.source=file", f"data.train_path={missing}"],
+            f"error: dataset file '{missing}' does not exist",
+        ),
+        "separate placement": (
+            ["rollout.placement=separate"],
+            "error: config key 'rollout.placement': the trainer runs its vLLM engine in rank 0's process",
+        ),
+    }[case]
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_rl.cli", "train", "data.source=file", f"data.train_path={missing}",
-         f"run.output_dir={tmp_path}"],
+        [sys.executable, "-m", "megatron_rl.cli", "train", *overrides, f"run.output_dir={tmp_path}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"error: dataset file '{missing}' does not exist"
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in proc.stderr
 
 

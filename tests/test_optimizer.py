@@ -22,7 +22,7 @@ def _step(policy, optimizer) -> None:
 def _sharded_matches_plain(rank: int, world: int, model_dir: str, out: str) -> None:
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from megatron_rl.train.optimizer import build_optimizer, local_state_dict
+    from megatron_rl.train.optimizer import build_optimizer
 
     init_distributed(ParallelLayout(), rank=rank, world_size=world)  # data-parallel 2
     try:
@@ -31,20 +31,23 @@ def _sharded_matches_plain(rank: int, world: int, model_dir: str, out: str) -> N
         sharded, plain = Policy.from_hf(model_dir), Policy.from_hf(model_dir)
         sharded_opt = build_optimizer(list(sharded.model.parameters()), sharded_cfg)
         plain_opt = build_optimizer(list(plain.model.parameters()), plain_cfg)
-        assert type(sharded_opt).__name__ == "ZeroRedundancyOptimizer"
+        assert sharded_opt.group is not None and plain_opt.group is None
         for _ in range(2):
             _step(sharded, sharded_opt)
             _step(plain, plain_opt)
         for (name, a), b in zip(sharded.model.named_parameters(), plain.model.parameters(), strict=True):
             assert torch.allclose(a, b, rtol=0, atol=1e-7), name
         n_params = len(list(sharded.model.parameters()))
-        assert 0 < len(sharded_opt.optim.state) < n_params  # this rank keeps moments for its share only
+        assert 0 < len(sharded_opt.inner.state) < n_params  # this rank keeps moments for its share only
+        sizes = [p.numel() for p in sharded.model.parameters()]
+        owned = sum(sizes[i] for i in sharded_opt.owned)
+        assert abs(owned - sum(sizes) / 2) <= max(sizes) / 2  # the shares are balanced by size
 
         save_checkpoint(Path(out), 2, sharded.model, sharded_opt, {"step": 2, "data_position": 0}, keep=1)
         fresh = Policy.from_hf(model_dir)
         fresh_opt = build_optimizer(list(fresh.model.parameters()), sharded_cfg)
         load_checkpoint(latest_checkpoint(Path(out)), fresh.model, fresh_opt)
-        saved, loaded = local_state_dict(sharded_opt)["state"], local_state_dict(fresh_opt)["state"]
+        saved, loaded = sharded_opt.state_dict()["inner"]["state"], fresh_opt.state_dict()["inner"]["state"]
         assert saved.keys() == loaded.keys() and saved
         for key in saved:
             assert torch.equal(saved[key]["exp_avg_sq"], loaded[key]["exp_avg_sq"])
@@ -64,7 +67,7 @@ def _bf16_master_weights(rank: int, world: int, model_dir: str, out: str) -> Non
     """Steps far below bf16's resolution are lost by a bf16 AdamW but accumulate in the fp32 masters."""
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from megatron_rl.train.optimizer import FP32MasterWeights, build_optimizer
+    from megatron_rl.train.optimizer import build_optimizer
 
     init_distributed(ParallelLayout(), rank=rank, world_size=world)
     try:
@@ -74,7 +77,7 @@ def _bf16_master_weights(rank: int, world: int, model_dir: str, out: str) -> Non
         start = [p.detach().clone() for p in mixed.model.parameters()]
         mixed_opt = build_optimizer(list(mixed.model.parameters()), cfg)
         pure_opt = torch.optim.AdamW(pure.model.parameters(), lr=cfg.lr)
-        assert isinstance(mixed_opt, FP32MasterWeights)
+        assert mixed_opt.state_dict()["master"]  # fp32 copies of the bf16 parameters
         for _ in range(20):
             _step(mixed, mixed_opt)
             _step(pure, pure_opt)
@@ -82,18 +85,26 @@ def _bf16_master_weights(rank: int, world: int, model_dir: str, out: str) -> Non
         moved_pure = sum(int((p != s).sum()) for p, s in zip(pure.model.parameters(), start, strict=True))
         assert moved_mixed > 3 * max(1, moved_pure), (moved_mixed, moved_pure)
         assert any(p.dtype == torch.bfloat16 for p in mixed.model.parameters())
-        for p, m in zip(mixed.model.parameters(), mixed_opt.master, strict=True):
+        for i, p in enumerate(mixed.model.parameters()):
+            m = mixed_opt.master[i]
             assert m.dtype == torch.float32 and torch.equal(p, m.to(p.dtype))
 
         save_checkpoint(Path(out), 20, mixed.model, mixed_opt, {"step": 20, "data_position": 0}, keep=1)
         fresh = Policy.from_hf(model_dir, params_dtype=torch.bfloat16)
         fresh_opt = build_optimizer(list(fresh.model.parameters()), cfg)
         load_checkpoint(latest_checkpoint(Path(out)), fresh.model, fresh_opt)
-        for a, b in zip(mixed_opt.master, fresh_opt.master, strict=True):
-            assert torch.equal(a, b)  # the masters, not their bf16 rounding, come back
+        for i, m in mixed_opt.master.items():
+            assert torch.equal(m, fresh_opt.master[i])  # the masters, not their bf16 rounding, come back
     finally:
         shutdown()
 
 
 def test_bf16_model_keeps_fp32_master_weights(tiny_ckpt, tmp_path):
     run_distributed(_bf16_master_weights, 1, tiny_ckpt, str(tmp_path / "checkpoints"))
+
+
+def test_balanced_owners_spread_parameters_by_size():
+    from megatron_rl.train.optimizer import balanced_owners
+
+    assert balanced_owners([10, 1, 1, 8], 2) == [0, 1, 1, 1]
+    assert balanced_owners([5, 5, 5], 1) == [0, 0, 0]

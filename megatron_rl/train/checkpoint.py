@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_rl.train.optimizer import FP32MasterWeights, load_local_state_dict, local_state_dict
+from megatron_rl.train.optimizer import PolicyOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: d
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
     torch.save(
         {
-            "optimizer": local_state_dict(optimizer),
+            "optimizer": optimizer.state_dict(),
             "rng": _rng_state(),
             "layout": _layout(),
             "train": train_state,
@@ -105,7 +105,7 @@ def _read_rank_file(path: Path, rank: int) -> dict:
 def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG; returns the saved train state (step, data position, ...)."""
     load_model_weights(path, model)
-    if isinstance(optimizer, FP32MasterWeights):
+    if isinstance(optimizer, PolicyOptimizer):
         optimizer.refresh_from_model()  # kept only if the layout changed; otherwise the saved masters win
     state = _read_rank_file(path, 0)
     if state["layout"] != _layout():
@@ -117,6 +117,6 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         )
         return state["train"]  # the loop's position is the same on every rank
     state = _read_rank_file(path, dist.get_rank())
-    load_local_state_dict(optimizer, state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     return state["train"]

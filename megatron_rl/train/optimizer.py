@@ -1,100 +1,112 @@
-"""The policy's optimizer: AdamW with fp32 master weights for bf16 models, optionally sharded over data parallel.
+"""The policy's optimizer: AdamW on fp32 master weights, optionally sharded over data-parallel ranks (ZeRO-1).
 
-- bf16 parameters get fp32 master copies: the optimizer updates the masters and the model receives them rounded
-  to bf16. Without them an RL-sized step (lr 1e-6) is mostly below bf16's resolution and is lost.
-- `optim.distributed_optimizer: true` uses torch's ZeroRedundancyOptimizer over Megatron's data-parallel group:
-  each rank keeps the Adam moments of its share of the parameters only and broadcasts its updated share after
-  the step (ZeRO stage 1). megatron-core's own optimizer cannot run on the CPU in 0.16.1 (see
-  docs/architecture.md); this one gives the same memory saving with the same code on CPU and GPU.
+- Low-precision (bf16) parameters get fp32 master copies: AdamW updates the masters and the model receives them
+  rounded. Without them an RL-sized step (lr 1e-6) is mostly below bf16's resolution and is lost.
+- With `optim.distributed_optimizer: true` each data-parallel rank owns a share of the parameters (balanced by
+  size): only it keeps their fp32 masters and Adam moments, steps them, and broadcasts the updated weights to
+  the other ranks. Memory per parameter: the model's weights and gradients plus (4 + 8) / DP bytes.
 
-Checkpoints hold each rank's own optimizer state (`local_state_dict`), so a resume needs the same layout.
+megatron-core 0.16.1's distributed optimizer allocates buffers with device="cuda" and asserts CUDA gradient
+types, so it cannot run on the CPU where the tests run (docs/architecture.md); this one is the same code on
+CPU (gloo) and GPU (NCCL). Checkpoints hold each rank's own share (`state_dict` is local), so a resume with
+the same layout continues exactly; under another layout the optimizer starts afresh from the loaded weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from megatron_rl.config import OptimCfg
 
 
-class FP32MasterWeights(torch.optim.Optimizer):
-    """Steps an inner optimizer over fp32 copies of low-precision parameters and copies the result back.
+def balanced_owners(sizes: list[int], ranks: int) -> list[int]:
+    """Owner rank of each parameter: largest first, each to the least-loaded rank (deterministic)."""
+    load = [0] * ranks
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        rank = min(range(ranks), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += sizes[i]
+    return owners
 
-    Looks like the inner optimizer to LR schedulers (it shares its param_groups), so schedules apply as usual.
-    """
 
-    def __init__(self, params: list[torch.nn.Parameter], make_inner: Callable[[list], torch.optim.Optimizer]):
+class PolicyOptimizer(torch.optim.Optimizer):
+    """AdamW over the fp32 masters of the parameters this rank owns; LR schedulers see its param_groups."""
+
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimCfg, shard: bool):
         self.model_params = list(params)
-        self.master = [torch.nn.Parameter(p.detach().float().clone()) for p in self.model_params]
-        self.inner = make_inner(self.master)
-        # Not Optimizer.__init__: the inner optimizer owns the groups and the state; we share them.
-        self.defaults, self.param_groups, self.state = (
-            self.inner.defaults,
-            self.inner.param_groups,
-            self.inner.state,
+        self.group = parallel_state.get_data_parallel_group() if shard else None
+        ranks = parallel_state.get_data_parallel_world_size() if shard else 1
+        rank = parallel_state.get_data_parallel_rank() if shard else 0
+        self.owners = balanced_owners([p.numel() for p in self.model_params], ranks)
+        self.src = [dist.get_global_rank(self.group, o) if shard else 0 for o in self.owners]
+        self.owned = [i for i, o in enumerate(self.owners) if o == rank]
+        # fp32 parameters are their own masters; others get an fp32 copy.
+        self.master = {
+            i: p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone())
+            for i, p in ((i, self.model_params[i]) for i in self.owned)
+        }
+        self.inner = torch.optim.AdamW(
+            list(self.master.values()) or [torch.nn.Parameter(torch.zeros(0))],  # a rank may own nothing
+            lr=cfg.lr,
+            betas=cfg.betas,
+            weight_decay=cfg.weight_decay,
         )
+        # Not Optimizer.__init__: the inner AdamW owns groups and state; sharing them lets schedulers work.
+        self.defaults, self.param_groups, self.state = self.inner.defaults, self.inner.param_groups, self.inner.state
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
 
     @torch.no_grad()
-    def step(self, closure=None):
-        for p, m in zip(self.model_params, self.master, strict=True):
-            m.grad = None if p.grad is None else p.grad.float()
+    def step(self, closure=None) -> None:
+        for i, m in self.master.items():
+            p = self.model_params[i]
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
         self.inner.step()
-        for p, m in zip(self.model_params, self.master, strict=True):
-            p.copy_(m)
+        for i, m in self.master.items():
+            if m is not self.model_params[i]:
+                self.model_params[i].copy_(m)
+                m.grad = None
+        if self.group is not None:
+            for p, src in zip(self.model_params, self.src, strict=True):
+                dist.broadcast(p.data, src=src, group=self.group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.model_params + self.master:
+        for p in self.model_params:
             p.grad = None
 
     @torch.no_grad()
     def refresh_from_model(self) -> None:
         """Masters := the model's current weights (after the model was loaded from elsewhere)."""
-        for p, m in zip(self.model_params, self.master, strict=True):
-            m.copy_(p)
+        for i, m in self._copies().items():
+            m.copy_(self.model_params[i])
+
+    def _copies(self) -> dict[int, torch.Tensor]:
+        return {i: m for i, m in self.master.items() if m is not self.model_params[i]}
 
     def state_dict(self) -> dict:
-        return {"inner": local_state_dict(self.inner), "master": [m.detach().clone() for m in self.master]}
+        """This rank's share: Adam moments and fp32 master copies of the parameters it owns (no collective)."""
+        return {
+            "owned": self.owned,
+            "inner": self.inner.state_dict(),
+            "master": {i: m.detach().clone() for i, m in self._copies().items()},
+        }
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        load_local_state_dict(self.inner, state["inner"])
-        with torch.no_grad():
-            for p, m, saved in zip(self.model_params, self.master, state["master"], strict=True):
-                m.copy_(saved)
-                p.copy_(saved)
+        if state["owned"] != self.owned or set(state["master"]) != set(self._copies()):
+            raise ValueError("the optimizer state was saved for another parameter sharding")
+        self.inner.load_state_dict(state["inner"])
+        for i, saved in state["master"].items():
+            self.master[i].copy_(saved)
+            self.model_params[i].copy_(saved)
+        if self.group is not None:  # every rank's weights from their owners' masters
+            for p, src in zip(self.model_params, self.src, strict=True):
+                dist.broadcast(p.data, src=src, group=self.group)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimCfg) -> torch.optim.Optimizer:
-    options = {"lr": cfg.lr, "betas": cfg.betas, "weight_decay": cfg.weight_decay}
-
-    def adamw(group: list) -> torch.optim.Optimizer:
-        if cfg.distributed_optimizer and parallel_state.get_data_parallel_world_size() > 1:
-            return ZeroRedundancyOptimizer(
-                group,
-                optimizer_class=torch.optim.AdamW,
-                process_group=parallel_state.get_data_parallel_group(),
-                **options,
-            )
-        return torch.optim.AdamW(group, **options)
-
-    if any(p.dtype != torch.float32 for p in params):
-        return FP32MasterWeights(params, adamw)
-    return adamw(params)
-
-
-def local_state_dict(optimizer: torch.optim.Optimizer) -> dict:
-    """This rank's optimizer state (its shard under ZeRO; no collective)."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        return optimizer.optim.state_dict()
-    return optimizer.state_dict()
-
-
-def load_local_state_dict(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
-        optimizer.optim.load_state_dict(state)
-    else:
-        optimizer.load_state_dict(state)
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimCfg) -> PolicyOptimizer:
+    shard = cfg.distributed_optimizer and parallel_state.get_data_parallel_world_size() > 1
+    return PolicyOptimizer(params, cfg, shard)

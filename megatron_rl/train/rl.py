@@ -118,6 +118,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
     preemption.install()  # SIGUSR1/SIGTERM: checkpoint and stop after the current RL step
     if cfg.model.pipeline_parallel_size > 1:
         raise ValueError("config key 'model.pipeline_parallel_size': the RL trainer runs PP=1 for now")
+    if cfg.rollout.placement != "colocated":
+        raise ValueError(
+            "config key 'rollout.placement': the trainer runs its vLLM engine in rank 0's process "
+            "('colocated'); engines on separate nodes are not supported yet"
+        )
     if is_driver():
         (run_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
     dataset, eval_problems, sft_task = load_data(cfg)
