@@ -25,6 +25,10 @@ from megatron_rl.rollout.weight_sync import compare_checksums, tensor_checksum
 
 log = logging.getLogger(__name__)
 
+# vLLM logs its warnings (CPU tuning hints, shutdown notices) to stdout, where the trainer prints its result
+# line. Errors only, unless the user asks for more (VLLM_LOGGING_LEVEL=INFO); inherited by its processes.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
 
 class VLLMEngine:
     """One vLLM engine (possibly tensor-parallel inside itself) serving the current policy."""
