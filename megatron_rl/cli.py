@@ -122,9 +122,12 @@ def train_cmd(
 def sft_cmd(
     ctx: typer.Context,
     config: Annotated[Path | None, typer.Option("--config")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue a preempted SFT from RUN_DIR/sft_checkpoints")
+    ] = False,
 ) -> None:
     """Only the SFT warm start of a config (RL steps = 0); writes RUN_DIR/sft_model."""
-    _run_training(config, ["sft.enabled=true", "run.steps=0", *ctx.args], False)
+    _run_training(config, ["sft.enabled=true", "run.steps=0", *ctx.args], resume)
 
 
 @app.command("plot")
@@ -172,36 +175,39 @@ def reward_cmd(
     raise typer.Exit(reward_main(kind, str(input_path), workers, timeout, unsafe_no_sandbox))
 
 
-@bench_app.command("kernels", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_kernels(ctx: typer.Context) -> None:
-    """Fused log-prob/entropy kernel vs Megatron and torch baselines (needs a CUDA GPU)."""
-    from kernels.bench import main
-
-    raise typer.Exit(main(list(ctx.args)))
-
-
-@bench_app.command("rewards", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_rewards(ctx: typer.Context) -> None:
-    """Sandboxed code execution vs plain python3, and math-verify throughput."""
-    from megatron_rl.rewards.bench import main
-
-    raise typer.Exit(main(list(ctx.args)))
-
-
-@bench_app.command("sync", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_sync(ctx: typer.Context) -> None:
-    """Weight sync Megatron -> vLLM: ms and MB/s for the tiny and a ~150M-parameter model."""
-    from megatron_rl.bench_sync import main
-
-    raise typer.Exit(main(list(ctx.args)))
+# `megatron-rl bench NAME ARGS...` runs main(ARGS) of the module; each parses its own arguments.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "kernels": (
+        "kernels.bench",
+        "Fused log-prob/entropy kernel vs Megatron and torch baselines (needs a CUDA GPU).",
+    ),
+    "rewards": (
+        "megatron_rl.rewards.bench",
+        "Sandboxed code execution vs plain python3, and math-verify throughput.",
+    ),
+    "sync": (
+        "megatron_rl.bench_sync",
+        "Weight sync Megatron -> vLLM: ms and MB/s for the tiny and a ~150M-parameter model.",
+    ),
+    "packing": (
+        "megatron_rl.bench_packing",
+        "Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models.",
+    ),
+}
 
 
-@bench_app.command("packing", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench_packing(ctx: typer.Context) -> None:
-    """Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models."""
-    from megatron_rl.bench_packing import main
+def _add_benchmark(name: str, module: str, help_text: str) -> None:
+    def run(ctx: typer.Context) -> None:
+        import importlib
 
-    raise typer.Exit(main(list(ctx.args)))
+        raise typer.Exit(importlib.import_module(module).main(list(ctx.args)))
+
+    settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+    bench_app.command(name, help=help_text, context_settings=settings)(run)
+
+
+for _name, (_module, _help) in BENCHMARKS.items():
+    _add_benchmark(_name, _module, _help)
 
 
 def main() -> None:

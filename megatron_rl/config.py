@@ -91,14 +91,14 @@ class OptimCfg(Strict):
 
 class SFTCfg(Strict):
     enabled: bool = True
+    # (prompt, response) pairs, JSONL or Parquet; None: the synthetic task's traced solutions (the tiny config)
+    train_path: str | None = None
     max_steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
-    eval_every: int = 10
+    eval_every: int = 10  # held-out accuracy every N steps (0: only after the last step)
     eval_after: int = 60
-    stop_at_accuracy: float = (
-        0.25  # stop once held-out accuracy reaches this (a fixed step count varies wildly)
-    )
+    stop_at_accuracy: float = 0.25  # stop once held-out accuracy reaches this (a fixed step count varies wildly)
 
 
 class EvalCfg(Strict):

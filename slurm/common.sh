@@ -97,7 +97,7 @@ export MEGATRON_RL_STOP_FILE
 rm -f "$MEGATRON_RL_STOP_FILE"
 
 case $STAGE in
-sft) cmd=(sft --config "$CONFIG") ;;
+sft) cmd=(sft --config "$CONFIG" --resume) ;;
 math | code) cmd=(train --config "$CONFIG" --resume) ;;
 *) die "STAGE=$STAGE: expected sft, math or code" ;;
 esac

@@ -23,14 +23,16 @@
 #   REPO_DIR        the submit directory         where slurm/common.sh and relative paths are found
 # Arguments after the script are passed to the trainer as dotted overrides (key=value).
 #
-# Placement: the vLLM engine (held-out evaluation) runs colocated, inside rank 0's process. SFT saves no
-# checkpoint until it ends: a job that hits its time limit starts SFT again when resubmitted (no requeue here).
+# Placement: the vLLM engine (held-out evaluation) runs colocated, inside rank 0's process. Ten minutes before
+# the time limit (USR1) SFT checkpoints after its current step and the job is requeued; it continues from there.
 #SBATCH --job-name=mrl-sft
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=04:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 

@@ -99,3 +99,61 @@ def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, b[key]), key
+
+
+def _sft_args(out: Path, name: str, pairs: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "megatron_rl.cli", "sft", f"run.output_dir={out}", f"run.name={name}",
+        f"sft.train_path={pairs}", "sft.max_steps=4", "sft.batch_size=16", "sft.eval_every=0",
+        "data.synthetic_digits=1", "data.synthetic_eval_size=8", "eval.samples_per_problem=1",
+        "run.reward_workers=1", "run.tensorboard=false",
+    ]  # fmt: skip
+
+
+def _hf_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_sft_from_pairs_stops_on_request_and_resumes_exactly(tmp_path):
+    """`megatron-rl sft` on a JSONL of pairs; a stop request checkpoints after the step and exits 85; --resume
+    continues, and the SFT model equals an uninterrupted run's."""
+    from megatron_rl.data.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask(seed=3, digits=1)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [task.train_problem(i) for i in range(40)]
+    pairs.write_text(
+        "".join(json.dumps({"prompt": p.prompt, "response": task.sft_response(p)}) + "\n" for p in rows)
+        + '{"prompt": "1+1="}\n'
+    )
+    straight = subprocess.run(
+        _sft_args(tmp_path, "straight", pairs), capture_output=True, text=True, timeout=600
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "1 bad rows skipped" in straight.stderr
+
+    stop_file = tmp_path / "stop"
+    stop_file.touch()  # asked to stop from the start: it stops after step 1
+    env = {**os.environ, "MEGATRON_RL_STOP_FILE": str(stop_file)}
+    stopped = subprocess.run(
+        _sft_args(tmp_path, "stopped", pairs), capture_output=True, text=True, timeout=600, env=env
+    )
+    assert stopped.returncode == 85, stopped.stderr[-3000:]
+    assert (tmp_path / "stopped" / "sft_checkpoints" / "latest").read_text() == "step_000001"
+    assert not (tmp_path / "stopped" / "sft_model").exists()
+    stop_file.unlink()
+    resumed = subprocess.run(
+        [*_sft_args(tmp_path, "stopped", pairs), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "SFT resumed from" in resumed.stderr and "at step 1" in resumed.stderr
+    a, b = _hf_weights(tmp_path / "straight" / "sft_model"), _hf_weights(tmp_path / "stopped" / "sft_model")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,4 +1,4 @@
-"""Prompt datasets from JSONL or Parquet files.
+"""Prompt datasets (and SFT pairs) from JSONL or Parquet files.
 
 Math rows have fields prompt and answer; code rows have prompt and tests (a list of test cases or its JSON
 text, as the code reward takes them) and optionally fn_name (call-based problems).
@@ -67,34 +67,64 @@ def _check_row(row: object, where: str, kind: str) -> Problem | str:
     return Problem(prompt=prompt, answer=str(answer))
 
 
-def load_prompt_dataset(path: str | Path, kind: str = "math") -> PromptDataset:
-    """Rows for the `kind` of reward ("math" or "code"); bad rows are skipped and counted."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"dataset file '{path}' does not exist")
-    problems: list[Problem] = []
-    skipped: list[str] = []
+def _read_rows(path: Path):
+    """(where, row) for each row of a JSONL or Parquet file; row is an error message for unreadable lines."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         for i, row in enumerate(pq.read_table(path).to_pylist()):
-            checked = _check_row(row, f"{path} row {i}", kind)
-            (problems if isinstance(checked, Problem) else skipped).append(checked)
-    else:
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    skipped.append(f"{where}: not valid JSON ({e.__class__.__name__})")
-                    continue
-                checked = _check_row(row, where, kind)
-                (problems if isinstance(checked, Problem) else skipped).append(checked)
+            yield f"{path} row {i}", row
+        return
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                yield where, f"{where}: not valid JSON ({e.__class__.__name__})"
+
+
+def _load_rows(path: str | Path, check) -> tuple[list, list[str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset file '{path}' does not exist")
+    kept: list = []
+    skipped: list[str] = []
+    for where, row in _read_rows(path):
+        checked = row if isinstance(row, str) else check(row, where)
+        (skipped if isinstance(checked, str) else kept).append(checked)
     for message in skipped:
         log.warning("skipped bad dataset row: %s", message)
-    if not problems:
+    if not kept:
         raise DatasetError(f"dataset file '{path}' has no usable rows ({len(skipped)} skipped)")
+    return kept, skipped
+
+
+def load_prompt_dataset(path: str | Path, kind: str = "math") -> PromptDataset:
+    """Rows for the `kind` of reward ("math" or "code"); bad rows are skipped and counted."""
+    problems, skipped = _load_rows(path, lambda row, where: _check_row(row, where, kind))
     return PromptDataset(problems=problems, path=str(path), skipped=skipped)
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    response: str
+
+
+def _check_sft_row(row: object, where: str) -> SFTExample | str:
+    if not isinstance(row, dict):
+        return f"{where}: row is not an object"
+    for key in ("prompt", "response"):
+        if key not in row:
+            return f"{where}: missing field '{key}'"
+        if not isinstance(row[key], str) or not row[key].strip():
+            return f"{where}: field '{key}' must be a non-empty string"
+    return SFTExample(prompt=row["prompt"], response=row["response"])
+
+
+def load_sft_dataset(path: str | Path) -> tuple[list[SFTExample], list[str]]:
+    """(prompt, response) pairs for `megatron-rl sft`; bad rows are skipped and counted."""
+    return _load_rows(path, _check_sft_row)

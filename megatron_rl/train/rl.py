@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from megatron_rl.config import Config
 from megatron_rl.data.arithmetic import ArithmeticTask
-from megatron_rl.data.dataset import load_prompt_dataset
+from megatron_rl.data.dataset import Problem, load_prompt_dataset
 from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
 from megatron_rl.train import preemption
@@ -165,8 +165,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     sft_record = run_dir / "sft.json"
     ckpt_root = run_dir / "checkpoints"
     resume_from = latest_checkpoint(ckpt_root) if resume else None
-    if cfg.sft.enabled and sft_task is not None and not sft_record.is_file():
-        sft_accuracy = _warm_start(cfg, policy, sft_task, tokenizer, held_out_accuracy, run_dir)
+    if cfg.sft.enabled and not sft_record.is_file():
+        sft_accuracy = _warm_start(
+            cfg, policy, sft_task, tokenizer, held_out_accuracy, run_dir, resume, close=(engine, pool)
+        )
     elif sft_record.is_file():
         sft_accuracy = json.loads(sft_record.read_text())["sft_accuracy"]
         if resume_from is None:  # continue from the saved SFT weights
@@ -258,22 +260,43 @@ def train(cfg: Config, resume: bool = False) -> dict:
     return result
 
 
-def _warm_start(cfg, policy, task, tokenizer, held_out_accuracy, run_dir: Path) -> float:
-    """SFT on the synthetic task's traced solutions, then save the SFT checkpoint for later runs/resume."""
+def _warm_start(
+    cfg, policy, task, tokenizer, held_out_accuracy, run_dir: Path, resume: bool, close=()
+) -> float:
+    """SFT on (prompt, response) pairs, then save the SFT checkpoint for later runs/resume.
+
+    The pairs come from `sft.train_path` when set, else from the synthetic task's traced solutions. Batches
+    depend only on the step, so a preempted SFT continues exactly from run_dir/sft_checkpoints (with --resume).
+    """
+    from megatron_rl.data.dataset import load_sft_dataset
     from megatron_rl.data.prompts import render_prompt
 
-    eos = [tokenizer.eos_token_id] if is_driver() else []
-    eos = broadcast(eos)
+    if cfg.sft.train_path:
+        examples, skipped = load_sft_dataset(cfg.sft.train_path)
+        log.info(
+            "SFT data %s: %d pairs, %d bad rows skipped", cfg.sft.train_path, len(examples), len(skipped)
+        )
+    elif task is None:
+        raise ValueError("config key 'sft.train_path' is required for SFT when data.source is 'file'")
+    eos = broadcast([tokenizer.eos_token_id] if is_driver() else [])
     tok = broadcast(tokenizer)
     bs = cfg.sft.batch_size
 
     def pairs(step: int):
-        problems = [task.train_problem(10_000_000 + step * bs + i) for i in range(bs)]
+        if cfg.sft.train_path:  # epochs cycle through the file in order
+            batch = [examples[((step - 1) * bs + i) % len(examples)] for i in range(bs)]
+            problems = [Problem(prompt=e.prompt) for e in batch]
+            texts = [e.response for e in batch]
+        else:
+            problems = [task.train_problem(10_000_000 + step * bs + i) for i in range(bs)]
+            texts = [task.sft_response(p) for p in problems]
         prompts = [render_prompt(p, tok, cfg.data.prompt_template, cfg.data.instruction) for p in problems]
-        responses = [tok.encode(task.sft_response(p), add_special_tokens=False) + eos for p in problems]
+        responses = [tok.encode(t, add_special_tokens=False) + eos for t in texts]
         return prompts, responses
 
-    steps, accuracy = run_sft(policy, pairs, held_out_accuracy, cfg)
+    steps, accuracy = run_sft(
+        policy, pairs, held_out_accuracy, cfg, run_dir / "sft_checkpoints", resume, close
+    )
     log.info("SFT warm start: %d steps, held-out accuracy %.3f", steps, accuracy)
     save_hf_checkpoint(policy, run_dir / "sft_model")
     if is_driver():

@@ -7,11 +7,14 @@ tiny model a fixed step count lands anywhere between 0% and 85%.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-import torch
 from megatron.core import parallel_state
 
 from megatron_rl.algo.packing import pack_microbatches, packed_forward_logprobs
+from megatron_rl.train import preemption
+from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_rl.train.optimizer import build_optimizer
 from megatron_rl.train.update import finish_gradients
 
 log = logging.getLogger(__name__)
@@ -38,18 +41,37 @@ def sft_step(
     return loss_sum
 
 
-def run_sft(policy, pairs_for_step, evaluate_now, cfg, on_step=None) -> tuple[int, float]:
-    """Train until held-out accuracy reaches the target (or max_steps). Returns (steps, accuracy)."""
-    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=cfg.sft.lr, weight_decay=0.0)
-    accuracy = 0.0
-    for step in range(1, cfg.sft.max_steps + 1):
+def run_sft(
+    policy, pairs_for_step, evaluate_now, cfg, ckpt_root: Path | None = None, resume: bool = False, close=()
+) -> tuple[int, float]:
+    """Train until held-out accuracy reaches the target (or max_steps). Returns (steps, accuracy).
+
+    With `ckpt_root`, a preemption request (train/preemption.py) saves a checkpoint there after the current
+    step, closes `close` (engine, reward pool) and exits for a requeue; a call with `resume` continues from it
+    (the batches depend only on the step).
+    """
+    optim_cfg = cfg.optim.model_copy(update={"lr": cfg.sft.lr, "weight_decay": 0.0})
+    optimizer = build_optimizer([p for p in policy.model.parameters() if p.requires_grad], optim_cfg)
+    start, accuracy = 1, 0.0
+    resume_from = latest_checkpoint(ckpt_root) if ckpt_root is not None and resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, policy.model, optimizer)
+        start, accuracy = state["step"] + 1, state["accuracy"]
+        log.info("SFT resumed from %s at step %d", resume_from, state["step"])
+    every = cfg.sft.eval_every
+    for step in range(start, cfg.sft.max_steps + 1):
         prompts, responses = pairs_for_step(step)
         loss = sft_step(policy, optimizer, prompts, responses, cfg.grpo.max_tokens_per_microbatch)
-        if on_step:
-            on_step(step, loss)
-        if step >= cfg.sft.eval_after and step % cfg.sft.eval_every == 0:
+        log.debug("SFT step %d: loss %.4f", step, loss)
+        if every and step >= cfg.sft.eval_after and step % every == 0:
             accuracy = evaluate_now()
             log.info("SFT step %d: loss %.4f, held-out accuracy %.3f", step, loss, accuracy)
             if accuracy >= cfg.sft.stop_at_accuracy:
                 return step, accuracy
+        if ckpt_root is not None and step < cfg.sft.max_steps and preemption.stop_requested():
+            save_checkpoint(ckpt_root, step, policy.model, optimizer, {"step": step, "accuracy": accuracy}, 1)
+            preemption.exit_preempted(step, ckpt_root, close)
+    if not every:
+        accuracy = evaluate_now()
+        log.info("SFT done after %d steps: held-out accuracy %.3f", cfg.sft.max_steps, accuracy)
     return cfg.sft.max_steps, accuracy
