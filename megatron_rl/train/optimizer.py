@@ -55,7 +55,11 @@ class PolicyOptimizer(torch.optim.Optimizer):
             weight_decay=cfg.weight_decay,
         )
         # Not Optimizer.__init__: the inner AdamW owns groups and state; sharing them lets schedulers work.
-        self.defaults, self.param_groups, self.state = self.inner.defaults, self.inner.param_groups, self.inner.state
+        self.defaults, self.param_groups, self.state = (
+            self.inner.defaults,
+            self.inner.param_groups,
+            self.inner.state,
+        )
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
 
     @torch.no_grad()
