@@ -28,45 +28,32 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from megatron_rl.algo.logprobs import response_logprobs
 from megatron_rl.algo.packing import pack_microbatches, pack_values, packed_forward_logprobs
+from megatron_rl.bench_common import announce_device, load_average
+from megatron_rl.model.tiny import QWEN2_145M, TinyShape
 
 
 @dataclass(frozen=True)
 class BenchModel:
     name: str
-    shape: dict  # TinyShape fields
+    shape: TinyShape
     num_samples: int
     max_prompt: int
     max_response: int
 
 
 MODELS = {
-    "tiny": BenchModel("tiny", {}, num_samples=64, max_prompt=32, max_response=992),
-    # Vocabulary stays the tokenizer's 128, so the parameters sit in the 12 layers.
-    "150m": BenchModel(
-        "150m",
-        dict(
-            hidden_size=1024,
-            num_hidden_layers=12,
-            num_attention_heads=16,
-            num_key_value_heads=4,
-            head_dim=64,
-            intermediate_size=3072,
-        ),
-        num_samples=16,
-        max_prompt=16,
-        max_response=240,
-    ),
+    "tiny": BenchModel("tiny", TinyShape(), num_samples=64, max_prompt=32, max_response=992),
+    "150m": BenchModel("150m", QWEN2_145M, num_samples=16, max_prompt=16, max_response=240),
 }
 
 
@@ -89,17 +76,6 @@ def acereason_like_lengths(
     return prompts.tolist(), responses.tolist()
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def padded_batches(n: int, num_microbatches: int) -> list[list[int]]:
     per = math.ceil(n / num_microbatches)
     return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
@@ -107,10 +83,10 @@ def padded_batches(n: int, num_microbatches: int) -> list[list[int]]:
 
 def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, workdir: str) -> dict:
     from megatron_rl.model.policy import Policy
-    from megatron_rl.model.tiny import TinyShape, write_tiny_checkpoint
+    from megatron_rl.model.tiny import write_tiny_checkpoint
 
     max_len = spec.max_prompt + spec.max_response
-    shape = TinyShape(**spec.shape, max_position_embeddings=max(1024, max_len), initializer_range=0.02)
+    shape = replace(spec.shape, max_position_embeddings=max(1024, max_len), initializer_range=0.02)
     model_dir = write_tiny_checkpoint(os.path.join(workdir, spec.name), shape, seed=seed)
     policy = Policy.from_hf(model_dir)
     model = policy.model.train()
@@ -194,7 +170,7 @@ def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, wo
     return {
         "model": spec.name,
         "params": num_params,
-        "shape": {**spec.shape, "vocab_size": vocab},
+        "shape": {**asdict(shape), "vocab_size": vocab},
         "num_sequences": spec.num_samples,
         "max_prompt": spec.max_prompt,
         "max_response": spec.max_response,
@@ -252,11 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 
-    threads = torch.get_num_threads()
-    device = f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads"
-    if torch.cuda.is_available():
-        device = f"{torch.cuda.get_device_name()} ({device})"
-    print(f"device: {device}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    device, _ = announce_device()
     print(
         "padded = the same sequences in rollout order, ceil(n / packed micro-batches) per micro-batch, padded "
         "to the batch's longest sequence; micro-batch padded = the same, each micro-batch padded only to its "
@@ -284,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budget_fill": min(r["budget_fill"] for r in results),
         "speedup_vs_padded": min(r["speedup_vs_padded"] for r in results),
         "speedup_vs_microbatch_padded": min(r["speedup_vs_microbatch_padded"] for r in results),
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "load_average_1min_at_end": load_average(),
         "results": results,
     }
     print(json.dumps(summary), flush=True)

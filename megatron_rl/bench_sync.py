@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,35 +29,14 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from megatron_rl.bench_common import announce_device, load_average
+from megatron_rl.model.tiny import QWEN2_145M, TinyShape
 from megatron_rl.rollout.base import SyncReport
 
-# Vocabulary is the tokenizer's 128, so the parameters sit in the layers. "150m" is the shape that
-# bench_packing uses too (145.0M parameters).
-MODELS: dict[str, dict] = {
-    "tiny": {},  # TinyShape defaults: the model the tests use
-    "150m": dict(
-        hidden_size=1024,
-        num_hidden_layers=12,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        head_dim=64,
-        intermediate_size=3072,
-    ),
+MODELS: dict[str, TinyShape] = {
+    "tiny": TinyShape(),  # the model the tests use
+    "150m": QWEN2_145M,  # the shape bench_packing uses too
 }
-
-
-def machine() -> str:
-    """CPU model and usable cores; plus the GPU when there is one (vLLM and Megatron would use it)."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    text = f"{cpu}, {len(os.sched_getaffinity(0))} cores, {platform.system()} {platform.release()}"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name()}"
-    return text
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, list[float]]:
@@ -88,11 +65,11 @@ def default_transports() -> list[str]:
 
 def bench_model(name: str, repeats: int, bucket_bytes: int, transports: Sequence[str]) -> dict:
     from megatron_rl.model.policy import Policy
-    from megatron_rl.model.tiny import TinyShape, write_tiny_checkpoint
+    from megatron_rl.model.tiny import write_tiny_checkpoint
     from megatron_rl.rollout.vllm_engine import VLLMEngine
 
     with tempfile.TemporaryDirectory(prefix=f"benchsync_{name}_") as tmp:
-        model_dir = str(write_tiny_checkpoint(tmp, TinyShape(**MODELS[name]), seed=0))
+        model_dir = str(write_tiny_checkpoint(tmp, MODELS[name], seed=0))
         policy = Policy.from_hf(model_dir)
         engine = VLLMEngine(model_dir, seed=0)
         try:
@@ -226,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 
-    device = machine()
-    load_before = os.getloadavg()[0]  # other jobs on a small machine skew the timings; say how busy it was
-    print(f"device: {device}; load average {load_before:.2f}", flush=True)
+    device, load_before = announce_device()  # other jobs on a small machine skew the timings
     init_distributed(ParallelLayout(tp=1, pp=1))
     try:
         bucket_bytes = int(args.bucket_mb * (1 << 20))
@@ -237,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown()
     summary = {
         "device": device,
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
+        "load_average_1min": [load_before, load_average()],  # before, after
         "repeats": args.repeats,
         "bucket_mb": args.bucket_mb,
         "transports": transports,

@@ -104,30 +104,9 @@ def resolve_shape(cfg: Config) -> tuple[Qwen2Config, str]:
             f"model.path '{path}' has no config.json here and model.architecture is not set "
             f"(one of: {', '.join(ARCHITECTURES)})"
         )
-    from megatron_rl.model.tiny import (
-        CHARACTERS,
-        SPECIAL_TOKENS,
-        STRUCTURE_TOKENS,
-        TinyShape,
-        padded_vocab_size,
-    )
+    from megatron_rl.model.tiny import tiny_qwen2_config
 
-    t = TinyShape()
-    vocab = padded_vocab_size(len(SPECIAL_TOKENS) + len(STRUCTURE_TOKENS) + len(CHARACTERS))
-    shape = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers,
-        num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads,
-        head_dim=t.head_dim,
-        max_position_embeddings=t.max_position_embeddings,
-        rope_theta=t.rope_theta,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=t.tie_word_embeddings,
-    )
-    return shape, "the tiny model (model.path is null: `train` builds it)"
+    return tiny_qwen2_config(), "the tiny model (model.path is null: `train` builds it)"
 
 
 # ---------------------------------------------------------------------------------------------- parameters

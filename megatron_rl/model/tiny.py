@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_rl.model.hf_config import Qwen2Config
+
 # Single tokens for the structure of a reasoning answer, so the tiny model sees them as one unit each.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 STRUCTURE_TOKENS = ["<think>", "</think>", "\\boxed{"]
@@ -38,6 +40,18 @@ class TinyShape:
     tie_word_embeddings: bool = False
     rope_theta: float = 10000.0
     initializer_range: float = 0.02  # std of the random init; tests raise it so logits are far from uniform
+
+
+# The ~145M-parameter Qwen2 shape the benchmarks build next to the tiny one (145.0M parameters with the tiny
+# tokenizer's 128-token vocabulary, so the parameters sit in the 12 layers).
+QWEN2_145M = TinyShape(
+    hidden_size=1024,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    intermediate_size=3072,
+)
 
 
 def build_tokenizer():
@@ -69,16 +83,15 @@ def padded_vocab_size(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def write_tiny_checkpoint(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
-    """Write config.json, model.safetensors, generation_config.json and the tokenizer to `out_dir`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_vocab_size() -> int:
+    """The padded vocabulary of `build_tokenizer()`'s tokenizer, counted without building it."""
+    return padded_vocab_size(len(SPECIAL_TOKENS) + len(STRUCTURE_TOKENS) + len(CHARACTERS))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
-    vocab_size = padded_vocab_size(len(tok))
-    config = Qwen2Config(
-        vocab_size=vocab_size,
+
+def tiny_qwen2_config(shape: TinyShape = TinyShape(), vocab_size: int | None = None) -> Qwen2Config:
+    """The model shape a tiny checkpoint of `shape` has (no weights, no tokenizer, no transformers)."""
+    return Qwen2Config(
+        vocab_size=tiny_vocab_size() if vocab_size is None else vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers,
@@ -88,8 +101,22 @@ def write_tiny_checkpoint(out_dir: str | Path, shape: TinyShape = TinyShape(), s
         max_position_embeddings=shape.max_position_embeddings,
         rope_theta=shape.rope_theta,
         rms_norm_eps=1e-6,
-        initializer_range=shape.initializer_range,
         tie_word_embeddings=shape.tie_word_embeddings,
+    )
+
+
+def write_tiny_checkpoint(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
+    """Write config.json, model.safetensors, generation_config.json and the tokenizer to `out_dir`."""
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    fields = asdict(tiny_qwen2_config(shape, vocab_size=padded_vocab_size(len(tok))))
+    del fields["qkv_bias"]  # Qwen2 always has q/k/v biases; transformers' config has no such field
+    config = transformers.Qwen2Config(
+        **fields,
+        initializer_range=shape.initializer_range,
         bos_token_id=None,
         eos_token_id=tok.convert_tokens_to_ids(EOS_TOKEN),
         pad_token_id=tok.convert_tokens_to_ids(PAD_TOKEN),
@@ -97,7 +124,7 @@ def write_tiny_checkpoint(out_dir: str | Path, shape: TinyShape = TinyShape(), s
         architectures=["Qwen2ForCausalLM"],
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32)
+    model = transformers.Qwen2ForCausalLM(config).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.save_pretrained(out)

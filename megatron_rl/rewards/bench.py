@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
+from megatron_rl.bench_common import cpu_name, usable_cores
 from megatron_rl.rewards import humaneval as he
 from megatron_rl.rewards import math_grader as mr
 from megatron_rl.rewards.code_reward import run_check_tests
@@ -37,16 +38,7 @@ from megatron_rl.rewards.sandbox import SANDBOX_PYTHON, Sandbox, UidLease, is_ro
 
 
 def machine() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{len(os.sched_getaffinity(0))} cores ({model}), Linux {platform.release()}"
+    return f"{usable_cores()} cores ({cpu_name()}), Linux {platform.release()}"
 
 
 def _cpu_of(pids: list[int]) -> float:

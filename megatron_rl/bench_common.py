@@ -1,0 +1,51 @@
+"""What every benchmark says about the machine it ran on (stdlib only; torch is imported when asked about)."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity on this OS
+        return os.cpu_count() or 1
+
+
+def load_average() -> float:
+    """The 1-minute load average: other jobs on a small machine skew timings, so benchmarks report it."""
+    return round(os.getloadavg()[0], 2)
+
+
+def describe_device() -> str:
+    """CPU, usable cores, OS, torch version and intra-op threads; plus the GPU when there is one."""
+    import torch
+
+    text = (
+        f"{cpu_name()}, {usable_cores()} cores, {platform.system()} {platform.release()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name()}"
+    return text
+
+
+def announce_device() -> tuple[str, float]:
+    """Print a benchmark's first line, `device: ...; load average ...`; return the description and load."""
+    device, load = describe_device(), load_average()
+    print(f"device: {device}; load average {load:.2f}", flush=True)
+    return device, load
