@@ -13,6 +13,7 @@ When running as root, each worker slot leases a uid of its own for its sandbox (
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +215,22 @@ class RewardPool:
 
     # -- scheduling --------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """Guards one batch: refuses a closed pool, and leaves no worker busy with it when interrupted."""
+        if self._closed:
+            raise RuntimeError("the RewardPool is closed")
+        try:
+            yield
+        except BaseException:
+            # Interrupted mid-batch (KeyboardInterrupt, a fatal sandbox error): workers still busy with this
+            # batch would answer the next one with stale results. Replace them.
+            for worker in list(self._workers):
+                if worker.chunk:
+                    worker.chunk = []
+                    self._replace(worker)
+            raise
+
     def _run(
         self,
         kind: str,
@@ -224,108 +241,92 @@ class RewardPool:
         failure: Any,
     ) -> list[Any]:
         """Score payloads; item i may take item_limits[i] seconds (+ a margin) before its worker is killed."""
-        if self._closed:
-            raise RuntimeError("the RewardPool is closed")
-        try:
-            return self._schedule(kind, payloads, opts, item_limits, chunk_size, failure)
-        except BaseException:
-            # Interrupted mid-batch (KeyboardInterrupt, a fatal sandbox error): workers still busy with this
-            # batch would answer the next one with stale results. Replace them.
-            for worker in list(self._workers):
-                if worker.chunk:
-                    worker.chunk = []
-                    self._replace(worker)
-            raise
+        with self._batch():
+            n = len(payloads)
+            results: list[Any] = [None] * n
+            queue: collections.deque[list[int]] = collections.deque(
+                list(range(i, min(i + chunk_size, n))) for i in range(0, n, chunk_size)
+            )
+            remaining = n
+            idle = [w for w in self._workers]
+            fatal: str | None = None
 
-    def _schedule(
-        self,
-        kind: str,
-        payloads: Sequence[Any],
-        opts: dict,
-        item_limits: Sequence[float],
-        chunk_size: int,
-        failure: Any,
-    ) -> list[Any]:
-        n = len(payloads)
-        results: list[Any] = [None] * n
-        queue: collections.deque[list[int]] = collections.deque(
-            list(range(i, min(i + chunk_size, n))) for i in range(0, n, chunk_size)
-        )
-        remaining = n
-        idle = [w for w in self._workers]
-        fatal: str | None = None
+            def item_deadline(worker: _Worker) -> float:
+                # When the pool kills the worker if its current item (its chunk's first) has not answered.
+                return time.monotonic() + item_limits[worker.chunk[0]] + KILL_MARGIN
 
-        def give_up(worker: _Worker, why: str) -> _Worker:
-            # The item in progress scores 0; the rest of the chunk goes back to the queue.
-            nonlocal remaining
-            current, rest = worker.chunk[0], worker.chunk[1:]
-            results[current] = failure(why)
-            remaining -= 1
-            if rest:
-                queue.appendleft(rest)
-            worker.chunk = []
-            return self._replace(worker)
+            def requeue(worker: _Worker, items: list[int]) -> _Worker:
+                # `items` go back to the head of the queue; a fresh worker replaces the dead or killed one.
+                if items:
+                    queue.appendleft(items)
+                worker.chunk = []
+                return self._replace(worker)
 
-        while remaining > 0:
-            while idle and queue and fatal is None:
-                worker = idle.pop()
-                chunk = queue.popleft()
-                worker.chunk = list(chunk)
-                worker.deadline = time.monotonic() + item_limits[chunk[0]] + KILL_MARGIN
-                if worker.fresh:
-                    worker.deadline += FIRST_ITEM_ALLOWANCE
-                if not self._send(worker, (kind, [(i, payloads[i]) for i in chunk], opts)):
-                    # The worker was dead before it got the chunk: not its items' fault.
-                    queue.appendleft(chunk)
-                    worker.chunk = []
-                    idle.append(self._replace(worker))
-            busy = [w for w in self._workers if w.chunk]
-            if not busy:
-                if fatal is not None:
-                    raise SandboxUnavailable(fatal)
-                break
-            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-            for key, _ in self._sel.select(timeout):
-                worker = key.data
-                try:
-                    data = os.read(key.fd, 1 << 20)
-                except BlockingIOError:
-                    continue
-                if not worker.chunk:  # an idle worker: it can only have died (EOF); swap in a fresh one
+            def give_up(worker: _Worker, why: str) -> _Worker:
+                # The item in progress scores 0; the rest of the chunk goes back to the queue.
+                nonlocal remaining
+                results[worker.chunk[0]] = failure(why)
+                remaining -= 1
+                return requeue(worker, worker.chunk[1:])
+
+            while remaining > 0:
+                while idle and queue and fatal is None:
+                    worker = idle.pop()
+                    chunk = queue.popleft()
+                    worker.chunk = list(chunk)
+                    worker.deadline = item_deadline(worker)
+                    if worker.fresh:
+                        worker.deadline += FIRST_ITEM_ALLOWANCE
+                    if not self._send(worker, (kind, [(i, payloads[i]) for i in chunk], opts)):
+                        # The worker was dead before it got the chunk: not its items' fault.
+                        idle.append(requeue(worker, chunk))
+                busy = [w for w in self._workers if w.chunk]
+                if not busy:
+                    if fatal is not None:
+                        raise SandboxUnavailable(fatal)
+                    break
+                timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic())
+                for key, _ in self._sel.select(timeout):
+                    worker = key.data
+                    try:
+                        data = os.read(key.fd, 1 << 20)
+                    except BlockingIOError:
+                        continue
+                    if not worker.chunk:  # an idle worker: it can only have died (EOF); swap in a fresh one
+                        if not data:
+                            fresh = self._replace(worker)
+                            idle = [fresh if w is worker else w for w in idle]
+                        continue
                     if not data:
-                        fresh = self._replace(worker)
-                        idle = [fresh if w is worker else w for w in idle]
-                    continue
-                if not data:
-                    idle.append(give_up(worker, "worker_crash"))
-                    continue
-                worker.buf += data
-                while len(worker.buf) >= 8:
-                    size = int.from_bytes(worker.buf[:8], "little")
-                    if len(worker.buf) < 8 + size:
-                        break
-                    frame = pickle.loads(bytes(worker.buf[8 : 8 + size]))
-                    del worker.buf[: 8 + size]
-                    if frame[0] == "fatal":
-                        fatal = frame[2]
-                        index = frame[1]
-                        results[index] = failure("sandbox_error")
-                    else:
-                        index, results[index] = frame
-                    remaining -= 1
-                    worker.fresh = False
-                    worker.chunk.remove(index)
-                    if worker.chunk:
-                        worker.deadline = time.monotonic() + item_limits[worker.chunk[0]] + KILL_MARGIN
-                    else:
-                        idle.append(worker)
-            now = time.monotonic()
-            for worker in list(self._workers):
-                if worker.chunk and now > worker.deadline:
-                    idle.append(give_up(worker, "timeout"))
-        if fatal is not None:
-            raise SandboxUnavailable(fatal)
-        return results
+                        idle.append(give_up(worker, "worker_crash"))
+                        continue
+                    worker.buf += data
+                    while len(worker.buf) >= 8:
+                        size = int.from_bytes(worker.buf[:8], "little")
+                        if len(worker.buf) < 8 + size:
+                            break
+                        frame = pickle.loads(bytes(worker.buf[8 : 8 + size]))
+                        del worker.buf[: 8 + size]
+                        if frame[0] == "fatal":
+                            fatal = frame[2]
+                            index = frame[1]
+                            results[index] = failure("sandbox_error")
+                        else:
+                            index, results[index] = frame
+                        remaining -= 1
+                        worker.fresh = False
+                        worker.chunk.remove(index)
+                        if worker.chunk:
+                            worker.deadline = item_deadline(worker)
+                        else:
+                            idle.append(worker)
+                now = time.monotonic()
+                for worker in list(self._workers):
+                    if worker.chunk and now > worker.deadline:
+                        idle.append(give_up(worker, "timeout"))
+            if fatal is not None:
+                raise SandboxUnavailable(fatal)
+            return results
 
     # -- public API --------------------------------------------------------------------------------
 
