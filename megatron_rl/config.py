@@ -98,7 +98,8 @@ class SFTCfg(Strict):
     lr: float = 2e-3
     eval_every: int = 10  # held-out accuracy every N steps (0: only after the last step)
     eval_after: int = 60
-    stop_at_accuracy: float = 0.25  # stop once held-out accuracy reaches this (a fixed step count varies wildly)
+    # stop once held-out accuracy reaches this (a fixed step count varies wildly)
+    stop_at_accuracy: float = 0.25
 
 
 class EvalCfg(Strict):
