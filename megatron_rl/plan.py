@@ -426,6 +426,11 @@ def make_plan(cfg: Config, config_name: str = "") -> Plan:
         f"allowances: trainer runtime {TRAINER_RUNTIME_GIB} GiB, vLLM runtime {VLLM_RUNTIME_GIB} GiB, "
         f"sleeping vLLM {VLLM_ASLEEP_GIB} GiB, vLLM profile batch {VLLM_BATCHED_TOKENS} tokens",
     ]
+    if configured.rollout.engines > 1:
+        notes.append(
+            f"sized for {configured.rollout.engines} vLLM engines; the trainer today runs one (in rank 0's "
+            "process), so memory fits but generation uses one engine's GPUs until multi-engine rollouts land"
+        )
     share = math.ceil(cfg.rollout.prompts_per_step * cfg.rollout.group_size / configured.rollout.engines)
     if configured.rollout.concurrent_sequences < share:
         notes.append(
