@@ -109,6 +109,26 @@ def load_data(cfg: Config):
     return train, evalset, None
 
 
+def start_engine(cfg: Config, model_dir: Path, max_positions: int):
+    """The rollout engine, as the rollout section of the config describes it (rank 0 only)."""
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    options = {"max_num_seqs": cfg.rollout.max_num_seqs} if cfg.rollout.max_num_seqs else {}
+    return VLLMEngine(
+        str(model_dir),
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+        dtype=cfg.model.dtype,
+        seed=cfg.run.seed,
+        max_model_len=min(cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens, max_positions),
+        cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        enable_sleep_mode=torch.cuda.is_available() and cfg.rollout.colocate_sleep,
+        weight_transport=cfg.rollout.weight_transport,
+        broadcast_host=cfg.rollout.broadcast_host,
+        **options,
+    )
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     started = time.perf_counter()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -133,25 +153,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     engine = pool = tokenizer = None
     if is_driver():
         from megatron_rl.rewards import RewardPool
-        from megatron_rl.rollout.vllm_engine import VLLMEngine
 
-        engine_options = {"max_num_seqs": cfg.rollout.max_num_seqs} if cfg.rollout.max_num_seqs else {}
-        engine = VLLMEngine(
-            str(base_dir),
-            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-            dtype=cfg.model.dtype,
-            seed=cfg.run.seed,
-            max_model_len=min(
-                cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens,
-                policy.cfg.max_position_embeddings,
-            ),
-            cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            enable_sleep_mode=torch.cuda.is_available() and cfg.rollout.colocate_sleep,
-            weight_transport=cfg.rollout.weight_transport,
-            broadcast_host=cfg.rollout.broadcast_host,
-            **engine_options,
-        )
+        engine = start_engine(cfg, base_dir, policy.cfg.max_position_embeddings)
         tokenizer = engine.tokenizer
         eval_problems = fitting_prompts(eval_problems, tokenizer, cfg, "eval set")
         pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
