@@ -108,3 +108,52 @@ def test_balanced_owners_spread_parameters_by_size():
 
     assert balanced_owners([10, 1, 1, 8], 2) == [0, 1, 1, 1]
     assert balanced_owners([5, 5, 5], 1) == [0, 0, 0]
+
+
+def _tp_grad_norm(rank: int, world: int, model_dir: str, out: str) -> None:
+    """Under TP the gradient norm counts each shard once and replicated parameters stay identical on every rank
+    (a per-rank norm would clip ranks differently and make the replicated layer norms drift apart)."""
+    import torch.distributed as dist
+
+    from megatron_rl.algo.packing import pack_microbatches, packed_forward_logprobs
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.train.optimizer import build_optimizer
+    from megatron_rl.train.update import grad_norm_and_clip
+
+    init_distributed(ParallelLayout(tp=world), rank=rank, world_size=world)
+    try:
+        policy = Policy.from_hf(model_dir)
+        optimizer = build_optimizer(
+            list(policy.model.parameters()), load_config(None, ["optim.lr=1e-2"]).optim
+        )
+        prompts = [[3, 4, 5], [6, 7]]
+        responses = [[8, 9, 10, 11], [12, 13, 14]]
+        first_norm = None
+        for _ in range(
+            3
+        ):  # the trainer's loss: log-probs from the vocab-parallel logits (same on every rank)
+            optimizer.zero_grad()
+            for mb in pack_microbatches(prompts, responses, 64):
+                logprobs, _ = packed_forward_logprobs(policy.model, mb, 1.0, policy.tp_group)
+                (-(logprobs * mb.loss_mask).sum()).backward()
+            norm = grad_norm_and_clip(list(policy.model.parameters()), max_norm=1e-3)  # always clips
+            first_norm = norm if first_norm is None else first_norm
+            optimizer.step()
+        norms = [None] * world
+        dist.all_gather_object(norms, norm)
+        assert norms[0] == norms[-1], norms
+        torch.save(first_norm, Path(out) / f"norm_tp{world}.pt")  # same weights: comparable across TP
+        for name, p in policy.model.named_parameters():
+            if not getattr(p, "tensor_model_parallel", False):
+                copies = [torch.zeros_like(p) for _ in range(world)]
+                dist.all_gather(copies, p.detach().contiguous())
+                assert torch.equal(copies[0], copies[-1]), name
+    finally:
+        shutdown()
+
+
+def test_tp_gradient_norm_matches_tp1_and_replicas_stay_equal(tiny_ckpt, tmp_path):
+    run_distributed(_tp_grad_norm, 1, tiny_ckpt, str(tmp_path))
+    run_distributed(_tp_grad_norm, 2, tiny_ckpt, str(tmp_path))
+    tp1, tp2 = torch.load(tmp_path / "norm_tp1.pt"), torch.load(tmp_path / "norm_tp2.pt")
+    assert abs(tp1 - tp2) <= 1e-5 * tp1, (tp1, tp2)

@@ -193,6 +193,12 @@ def load_hf_into_megatron(
                     f"'{rule.megatron}' of shape {list(target.shape)}"
                 )
             target.copy_(shard)
+            if rule.split != "replicated":
+                # Megatron marks split parameters only when it initialises them itself (perform_initialization
+                # is off: the weights come from here); gradient-norm clipping needs the mark to count shards.
+                target.tensor_model_parallel = True
+                target.partition_dim = 1 if rule.split == "row" else 0
+                target.partition_stride = 1
 
 
 def load_hf_checkpoint(model: torch.nn.Module, cfg: Qwen2Config, model_dir: str | Path) -> None:
