@@ -57,6 +57,9 @@ class RolloutCfg(Strict):
     colocate_sleep: bool = True  # on GPU: vLLM sleeps while the trainer runs
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM engine TP (engines = rollout GPUs / this)
     placement: Literal["colocated", "separate"] = "colocated"  # separate: vLLM on its own nodes
+    # colocated: "driver" = one engine in rank 0's process; "all" = every trainer rank hosts part of an engine
+    # (vLLM's external launcher), world_size / tensor_parallel_size engines, each generating a slice of the step.
+    engine_ranks: Literal["driver", "all"] = "driver"
     engine_nodes: int = Field(0, ge=0)  # nodes given to vLLM when placement is separate
     max_num_seqs: int | None = Field(None, ge=1)  # sequences one engine runs at once; None: its whole share
     max_prompt_tokens: int = Field(1024, ge=1)  # longest prompt `plan` sizes KV cache + micro-batches for

@@ -38,6 +38,11 @@ def is_driver() -> bool:
     return dist.get_rank() == 0
 
 
+def engines_everywhere(cfg: Config) -> bool:
+    """Every rank hosts part of a vLLM engine (rollout.engine_ranks=all, more than one rank)."""
+    return cfg.rollout.engine_ranks == "all" and dist.get_world_size() > 1
+
+
 def broadcast(obj):
     if dist.get_world_size() == 1:
         return obj
@@ -131,8 +136,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     policy = Policy.from_hf(base_dir, params_dtype=dtype, recompute=cfg.model.recompute)
 
     engine = pool = tokenizer = None
-    if is_driver():
-        from megatron_rl.rewards import RewardPool
+    spmd = engines_everywhere(cfg)  # rollouts are then collectives: every rank samples its engine's slice
+    if is_driver() or spmd:
         from megatron_rl.rollout.vllm_engine import VLLMEngine
 
         engine_options = {"max_num_seqs": cfg.rollout.max_num_seqs} if cfg.rollout.max_num_seqs else {}
@@ -150,15 +155,27 @@ def train(cfg: Config, resume: bool = False) -> dict:
             enable_sleep_mode=torch.cuda.is_available() and cfg.rollout.colocate_sleep,
             weight_transport=cfg.rollout.weight_transport,
             broadcast_host=cfg.rollout.broadcast_host,
+            external_launcher=spmd,
             **engine_options,
         )
         tokenizer = engine.tokenizer
         eval_problems = fitting_prompts(eval_problems, tokenizer, cfg, "eval set")
+        if spmd:
+            log.info(
+                "rank %d hosts engine %d of %d (vLLM external launcher, TP=%d)",
+                dist.get_rank(),
+                engine.engine_index,
+                engine.num_engines,
+                cfg.rollout.tensor_parallel_size,
+            )
+    if is_driver():
+        from megatron_rl.rewards import RewardPool
+
         pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
 
     def held_out_accuracy() -> float:
         sync_weights(policy, engine)
-        acc = evaluate(engine, pool, eval_problems, tokenizer, cfg) if is_driver() else 0.0
+        acc = evaluate(engine, pool, eval_problems, tokenizer, cfg) if engine is not None else 0.0
         return broadcast(acc)
 
     # ---- SFT warm start (skipped when resuming a run that already did it)
@@ -207,10 +224,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         seed = cfg.run.seed * 1_000_003 + step * 10_007
         batch = (
             collect_rollouts(engine, pool, dataset, tokenizer, cfg, state["data_position"], seed)
-            if is_driver()
+            if engine is not None
             else None
         )
-        batch = broadcast(batch)
+        batch = broadcast(batch)  # with engines on every rank all hold it already: rank 0's timings win
         if engine is not None:
             engine.sleep()  # colocated on a GPU: vLLM's weights and KV cache make room for training
         t_train = time.perf_counter()
@@ -254,8 +271,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     }
     if is_driver():
         (run_dir / "result.json").write_text(json.dumps(result))
-        engine.shutdown()
         pool.close()
+    if engine is not None:
+        engine.shutdown()
     shutdown()
     return result
 
