@@ -65,7 +65,8 @@ class RolloutCfg(Strict):
     max_prompt_tokens: int = Field(1024, ge=1)  # longest prompt `plan` sizes KV cache + micro-batches for
     # How weights reach vLLM (rollout/transport.py): auto = CUDA IPC on GPU, shared memory on CPU (colocated);
     # broadcast = a gloo/NCCL group with the engine's workers (engines on other GPUs/nodes); rpc = bytes via RPC.
-    weight_transport: Literal["auto", "shm", "ipc", "broadcast", "rpc"] = "auto"
+    # local = tensors handed to the in-process worker (engine_ranks=all; what auto picks there).
+    weight_transport: Literal["auto", "shm", "ipc", "broadcast", "rpc", "local"] = "auto"
     broadcast_host: str = "127.0.0.1"  # rendezvous address of trainer rank 0 for the broadcast transport
 
 

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -60,6 +59,7 @@ def _engines(rank: int, world: int, model_dir: str, trainer_tp: int, rollout_tp:
     assert tensors["model.embed_tokens.weight"].shape == (policy.cfg.vocab_size, policy.cfg.hidden_size)
     report = engine.update_weights(buckets)
     assert report.tensors == len(tensors)
+    assert report.transport == ("local" if transport == "auto" else transport)
     hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     hf.load_state_dict(tensors, strict=False)
     worst = 0.0
@@ -75,7 +75,7 @@ def _engines(rank: int, world: int, model_dir: str, trainer_tp: int, rollout_tp:
 
 
 @pytest.mark.parametrize(
-    "trainer_tp,rollout_tp,transport", [(1, 1, "shm"), (2, 2, "rpc"), (2, 1, "shm")]
+    "trainer_tp,rollout_tp,transport", [(1, 1, "shm"), (2, 2, "rpc"), (2, 1, "auto")]
 )  # fmt: skip
 def test_engines_on_every_rank(tiny_ckpt, trainer_tp, rollout_tp, transport):
     run_distributed(_engines, 2, tiny_ckpt, trainer_tp, rollout_tp, transport)
@@ -85,7 +85,13 @@ def test_two_rank_train_with_two_engines(tmp_path):
     from tests.test_train_run import _args
 
     args = _args(tmp_path, "two", 2)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
     cmd = launcher + args[1:] + ["rollout.engine_ranks=all"]  # args[1:]: "-m megatron_rl.cli train ..."
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)

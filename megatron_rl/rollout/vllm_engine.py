@@ -16,6 +16,7 @@ import torch
 from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
 from megatron_rl.rollout.transport import (
     BroadcastTransport,
+    LocalTransport,
     RpcTransport,
     SharedTransport,
     Transport,
@@ -57,7 +58,8 @@ class VLLMEngine:
         engine (vLLM's "external_launcher" backend: no worker processes, the worker lives in this process).
         Engines = world size / tensor_parallel_size, engine i on ranks [i*tp, (i+1)*tp); each is a vLLM
         data-parallel rank. Every rank must construct the engine, generate and push weights together."""
-        self.weight_transport = resolve_transport(weight_transport, torch.cuda.is_available())
+        self.external_launcher = external_launcher
+        self.weight_transport = self._resolve(weight_transport, torch.cuda.is_available())
         self.broadcast_host = broadcast_host
         self._transports: dict[str, Transport] = {}
         if not torch.cuda.is_available():
@@ -72,7 +74,6 @@ class VLLMEngine:
             engine_kwargs.setdefault("compilation_config", {"custom_ops": ["none"]})
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.on_gpu = torch.cuda.is_available()
-        self.external_launcher = external_launcher
         self.num_engines, self.engine_index, self.is_engine_leader = 1, 0, True
         if external_launcher:
             engine_kwargs.update(self._external_launcher_options(tensor_parallel_size))
@@ -171,7 +172,7 @@ class VLLMEngine:
     ) -> SyncReport:
         """Push the whole model. `buckets` must cover every tensor; the manifest is sent first, so a wrong
         name or shape is refused before any weight changes. `transport` overrides the engine's default."""
-        kind = self.weight_transport if transport is None else resolve_transport(transport, self.on_gpu)
+        kind = self.weight_transport if transport is None else self._resolve(transport, self.on_gpu)
         sender = self._transport(kind)
         start = time.perf_counter()
         buckets = list(buckets) if not isinstance(buckets, list) else buckets
@@ -201,11 +202,26 @@ class VLLMEngine:
             reload_seconds=finished["reload_s"],
         )
 
+    def _resolve(self, name: str, on_gpu: bool) -> str:
+        """ "auto" is "local" with the external launcher (the worker is in this process), else by device."""
+        if name == "auto" and self.external_launcher:
+            return "local"
+        if name == "local" and not self.external_launcher:
+            raise ValueError("weight_transport='local' needs the worker in this process (external launcher)")
+        if self.external_launcher and name in ("ipc", "broadcast"):
+            raise ValueError(
+                f"weight_transport={name!r} is not supported with engines on every rank (the worker is in "
+                "the trainer's process); use 'local' (or 'auto'), 'shm' or 'rpc'"
+            )
+        return resolve_transport(name, on_gpu)
+
     def _transport(self, name: str) -> Transport:
         if name not in self._transports:
             device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
             if name == "rpc":
                 self._transports[name] = RpcTransport(self._call)
+            elif name == "local":
+                self._transports[name] = LocalTransport(self._call)
             elif name == "broadcast":
                 self._transports[name] = BroadcastTransport(self._call, device, self.broadcast_host)
             else:  # shm (host memory) or ipc (CUDA memory)

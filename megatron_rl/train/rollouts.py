@@ -81,8 +81,10 @@ def score(pool, texts: list[str], problems: list, cfg) -> list[float]:
 
 def engines_on_every_rank(engine) -> bool:
     """True when every rank hosts part of an engine (vLLM external launcher): sampling is then a collective."""
-    return bool(getattr(engine, "external_launcher", False)) and dist.is_initialized() and (
-        dist.get_world_size() > 1
+    return (
+        bool(getattr(engine, "external_launcher", False))
+        and dist.is_initialized()
+        and (dist.get_world_size() > 1)
     )
 
 
