@@ -101,7 +101,10 @@ def _run_training(config: Path | None, overrides: list[str], resume: bool) -> No
         result = train(cfg, resume=resume)
     except (CheckpointError, ConfigError, DatasetError, ModelConfigError, ValueError) as e:
         _fail(str(e))
-    typer.echo(json.dumps(result))
+    from megatron_rl.distributed import launcher_rank
+
+    if launcher_rank() == 0:  # one result line per run, not one per rank
+        typer.echo(json.dumps(result))
 
 
 @app.command("train", context_settings={"allow_extra_args": True})
@@ -157,6 +160,27 @@ def plan_cmd(
     typer.echo(plan.to_json() if as_json else format_plan(plan))
     if not plan.fits:
         raise typer.Exit(1)
+
+
+@app.command("serve-rollout")
+def serve_rollout_cmd(
+    rendezvous: Annotated[
+        Path, typer.Option("--rendezvous", help="shared directory: writes engine_INDEX.json there")
+    ],
+    host: Annotated[
+        str | None, typer.Option("--host", help="address to listen on (default: all, advertise hostname)")
+    ] = None,
+    index: Annotated[
+        int | None, typer.Option("--index", help="engine index (default: $SLURM_PROCID or 0)")
+    ] = None,
+) -> None:
+    """Serve one vLLM rollout engine to a trainer on another node (rollout.placement=separate)."""
+    import logging
+
+    from megatron_rl.rollout.remote import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise typer.Exit(serve(rendezvous, host=host, index=index))
 
 
 @app.command("reward")

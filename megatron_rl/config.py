@@ -57,12 +57,22 @@ class RolloutCfg(Strict):
     colocate_sleep: bool = True  # on GPU: vLLM sleeps while the trainer runs
     tensor_parallel_size: int = Field(1, ge=1)  # vLLM engine TP (engines = rollout GPUs / this)
     placement: Literal["colocated", "separate"] = "colocated"  # separate: vLLM on its own nodes
+    # colocated: "driver" = one engine in rank 0's process; "all" = every trainer rank hosts part of an engine
+    # (vLLM's external launcher), world_size / tensor_parallel_size engines, each generating a slice of the step.
+    engine_ranks: Literal["driver", "all"] = "driver"
     engine_nodes: int = Field(0, ge=0)  # nodes given to vLLM when placement is separate
+    # separate: the engine servers (`megatron-rl serve-rollout --rendezvous DIR`) announce themselves in this
+    # directory (default RUN_DIR/engines), and the trainer waits up to engine_wait_s for num_engines of them
+    # (default engine_nodes * cluster.gpus_per_node / tensor_parallel_size; slurm/ passes what it started).
+    engine_rendezvous: str | None = None
+    num_engines: int | None = Field(None, ge=1)
+    engine_wait_s: float = Field(900.0, gt=0)
     max_num_seqs: int | None = Field(None, ge=1)  # sequences one engine runs at once; None: its whole share
     max_prompt_tokens: int = Field(1024, ge=1)  # longest prompt `plan` sizes KV cache + micro-batches for
     # How weights reach vLLM (rollout/transport.py): auto = CUDA IPC on GPU, shared memory on CPU (colocated);
     # broadcast = a gloo/NCCL group with the engine's workers (engines on other GPUs/nodes); rpc = bytes via RPC.
-    weight_transport: Literal["auto", "shm", "ipc", "broadcast", "rpc"] = "auto"
+    # local = tensors handed to the in-process worker (engine_ranks=all; what auto picks there).
+    weight_transport: Literal["auto", "shm", "ipc", "broadcast", "rpc", "local"] = "auto"
     broadcast_host: str = "127.0.0.1"  # rendezvous address of trainer rank 0 for the broadcast transport
 
 

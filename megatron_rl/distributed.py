@@ -90,6 +90,13 @@ def slurm_rendezvous(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def launcher_rank(env: dict[str, str] | None = None) -> int:
+    """This process's rank as its launcher (torchrun, srun) gave it, before or after torch.distributed: the
+    one to print a run's result line is rank 0."""
+    env = os.environ if env is None else env
+    return int(env.get("RANK") or slurm_rendezvous(env).get("RANK") or 0)
+
+
 def init_distributed(layout: ParallelLayout, rank: int | None = None, world_size: int | None = None) -> None:
     """Start torch.distributed (if not already) and Megatron's parallel state for `layout`.
 

@@ -426,10 +426,11 @@ def make_plan(cfg: Config, config_name: str = "") -> Plan:
         f"allowances: trainer runtime {TRAINER_RUNTIME_GIB} GiB, vLLM runtime {VLLM_RUNTIME_GIB} GiB, "
         f"sleeping vLLM {VLLM_ASLEEP_GIB} GiB, vLLM profile batch {VLLM_BATCHED_TOKENS} tokens",
     ]
-    if configured.rollout.engines > 1:
+    if configured.rollout.engines > 1 and placement == "colocated" and cfg.rollout.engine_ranks == "driver":
         notes.append(
-            f"sized for {configured.rollout.engines} vLLM engines; the trainer today runs one (in rank 0's "
-            "process), so memory fits but generation uses one engine's GPUs until multi-engine rollouts land"
+            f"sized for {configured.rollout.engines} vLLM engines, but rollout.engine_ranks='driver' runs one "
+            "(in rank 0's process): set rollout.engine_ranks: all for an engine on every "
+            f"{cfg.rollout.tensor_parallel_size} rank(s)"
         )
     share = math.ceil(cfg.rollout.prompts_per_step * cfg.rollout.group_size / configured.rollout.engines)
     if configured.rollout.concurrent_sequences < share:

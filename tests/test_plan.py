@@ -145,6 +145,13 @@ def test_colocated_peak_is_training_or_generation_with_the_trainer_resident():
     assert alt.placement == "separate" and alt.train.gpus == alt.rollout.gpus == 16
 
 
+def test_plan_says_when_a_config_sized_for_many_engines_runs_one():
+    many = make_plan(load_config(stage_config("math", "7b")))  # engine_ranks: all
+    assert not any("engine_ranks" in n for n in many.notes)
+    one = make_plan(load_config(stage_config("math", "7b"), ["rollout.engine_ranks=driver"]))
+    assert any("16 vLLM engines" in n and "engine_ranks: all" in n for n in one.notes)
+
+
 # ---------------------------------------------------------------- the stage configs
 
 

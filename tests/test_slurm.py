@@ -241,7 +241,7 @@ def test_math_stage_runs_two_ranks_to_completion(slurm, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "step_000003"
     assert {p.name for p in (ckpt / "step_000003").glob("rank_*.pt")} == {"rank_0000.pt", "rank_0001.pt"}
     results = [json.loads(line.split(": ", 1)[1]) for line in log.splitlines() if re.match(r"[01]: \{", line)]
-    assert len(results) == 2 and {r["run_dir"] for r in results} == {str(run_dir)}  # both ranks finished
+    assert len(results) == 1 and results[0]["run_dir"] == str(run_dir)  # one result line, from rank 0
 
 
 def test_math_stage_requeues_on_usr1_and_resumes(slurm, tmp_path):

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from megatron_rl.rollout.base import WeightSyncError
 
-TRANSPORTS = ("auto", "shm", "ipc", "broadcast", "rpc")
+TRANSPORTS = ("auto", "shm", "ipc", "broadcast", "rpc", "local")
 ALIGN = 256  # byte offset of every tensor in a flat buffer: any dtype can view it, CUDA likes it
 SHM_PREFIX = "mrl-weights-"
 GROUP_PREFIX = "megatron_rl_weight_sync"
@@ -266,6 +266,16 @@ class RpcTransport(Transport):
         from safetensors.torch import save
 
         return self.call("mrl_load_bucket", save({n: t.detach().to("cpu").contiguous() for n, t in bucket}))
+
+
+class LocalTransport(Transport):
+    """The engine's worker lives in the trainer's process (vLLM's external launcher): `collective_rpc` calls
+    it directly, so the tensors themselves are handed over, nothing copied or serialized."""
+
+    name = "local"
+
+    def send_bucket(self, slot: int, bucket: NamedTensors) -> list[dict[str, int]]:
+        return self.call("mrl_load_local", [(n, t.detach()) for n, t in bucket])
 
 
 class SharedTransport(Transport):

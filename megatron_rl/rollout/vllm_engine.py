@@ -16,6 +16,7 @@ import torch
 from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
 from megatron_rl.rollout.transport import (
     BroadcastTransport,
+    LocalTransport,
     RpcTransport,
     SharedTransport,
     Transport,
@@ -45,13 +46,20 @@ class VLLMEngine:
         enable_sleep_mode: bool = False,
         weight_transport: str = "auto",
         broadcast_host: str = "127.0.0.1",
+        external_launcher: bool = False,
         **engine_kwargs,
     ):
         """`weight_transport` is how `update_weights` moves tensors (see rollout/transport.py): "auto" (CUDA
         IPC on GPU, shared memory on CPU: the engine runs on the trainer's host), "shm", "ipc", "broadcast"
         (a gloo/NCCL group with the workers, rendezvous at `broadcast_host`) or "rpc" (safetensors bytes
-        through vLLM's RPC). Checked before vLLM starts."""
-        self.weight_transport = resolve_transport(weight_transport, torch.cuda.is_available())
+        through vLLM's RPC). Checked before vLLM starts.
+
+        `external_launcher`: every rank of the already-initialised torch.distributed world hosts part of an
+        engine (vLLM's "external_launcher" backend: no worker processes, the worker lives in this process).
+        Engines = world size / tensor_parallel_size, engine i on ranks [i*tp, (i+1)*tp); each is a vLLM
+        data-parallel rank. Every rank must construct the engine, generate and push weights together."""
+        self.external_launcher = external_launcher
+        self.weight_transport = self._resolve(weight_transport, torch.cuda.is_available())
         self.broadcast_host = broadcast_host
         self._transports: dict[str, Transport] = {}
         if not torch.cuda.is_available():
@@ -66,6 +74,9 @@ class VLLMEngine:
             engine_kwargs.setdefault("compilation_config", {"custom_ops": ["none"]})
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.on_gpu = torch.cuda.is_available()
+        self.num_engines, self.engine_index, self.is_engine_leader = 1, 0, True
+        if external_launcher:
+            engine_kwargs.update(self._external_launcher_options(tensor_parallel_size))
         self.enable_sleep_mode = enable_sleep_mode and self.on_gpu
         self.llm = LLM(
             model=model_dir,
@@ -84,6 +95,26 @@ class VLLMEngine:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
+    def _external_launcher_options(self, tp: int) -> dict:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError("external_launcher: torch.distributed must be initialised before the engine")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % tp:
+            raise ValueError(
+                f"config key 'rollout.tensor_parallel_size': {tp} does not divide the world size {world}"
+            )
+        # vLLM reads its data-parallel rank from RANK (and its worker's local rank from LOCAL_RANK); a process
+        # group started without torchrun (tests spawn ranks) has not exported them.
+        os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world)
+        os.environ.setdefault("LOCAL_RANK", str(rank % max(1, torch.cuda.device_count() or world)))
+        self.num_engines, self.engine_index, self.is_engine_leader = world // tp, rank // tp, rank % tp == 0
+        options = {"distributed_executor_backend": "external_launcher"}
+        if world // tp > 1:  # TP-only with DP=1 fails ("rank < size"); vLLM wants an explicit DP size
+            options["data_parallel_size"] = world // tp
+        return options
+
     # ----------------------------------------------------------------------------------------- sampling
     def generate(
         self,
@@ -93,7 +124,11 @@ class VLLMEngine:
         top_p: float = 1.0,
         max_tokens: int = 256,
         seed: int | None = None,
+        index_offset: int = 0,
     ) -> list[RolloutSample]:
+        """`index_offset`: the prompts are a slice of a larger list starting there (prompt i samples with
+        seed + index_offset + i and is reported as prompt_index index_offset + i), so a prompt samples the
+        same tokens whichever engine gets it."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -103,7 +138,7 @@ class VLLMEngine:
                 temperature=temperature,
                 top_p=top_p,
                 max_tokens=max_tokens,
-                seed=None if seed is None else seed + i,
+                seed=None if seed is None else seed + index_offset + i,
                 logprobs=0,  # the sampled token's own logprob
             )
             for i in range(len(prompts))
@@ -121,7 +156,7 @@ class VLLMEngine:
                 ]
                 samples.append(
                     RolloutSample(
-                        prompt_index=index,
+                        prompt_index=index_offset + index,
                         prompt_ids=list(request.prompt_token_ids),
                         token_ids=token_ids,
                         logprobs=logprobs,
@@ -137,7 +172,7 @@ class VLLMEngine:
     ) -> SyncReport:
         """Push the whole model. `buckets` must cover every tensor; the manifest is sent first, so a wrong
         name or shape is refused before any weight changes. `transport` overrides the engine's default."""
-        kind = self.weight_transport if transport is None else resolve_transport(transport, self.on_gpu)
+        kind = self.weight_transport if transport is None else self._resolve(transport, self.on_gpu)
         sender = self._transport(kind)
         start = time.perf_counter()
         buckets = list(buckets) if not isinstance(buckets, list) else buckets
@@ -167,11 +202,26 @@ class VLLMEngine:
             reload_seconds=finished["reload_s"],
         )
 
+    def _resolve(self, name: str, on_gpu: bool) -> str:
+        """ "auto" is "local" with the external launcher (the worker is in this process), else by device."""
+        if name == "auto" and self.external_launcher:
+            return "local"
+        if name == "local" and not self.external_launcher:
+            raise ValueError("weight_transport='local' needs the worker in this process (external launcher)")
+        if self.external_launcher and name in ("ipc", "broadcast"):
+            raise ValueError(
+                f"weight_transport={name!r} is not supported with engines on every rank (the worker is in "
+                "the trainer's process); use 'local' (or 'auto'), 'shm' or 'rpc'"
+            )
+        return resolve_transport(name, on_gpu)
+
     def _transport(self, name: str) -> Transport:
         if name not in self._transports:
             device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
             if name == "rpc":
                 self._transports[name] = RpcTransport(self._call)
+            elif name == "local":
+                self._transports[name] = LocalTransport(self._call)
             elif name == "broadcast":
                 self._transports[name] = BroadcastTransport(self._call, device, self.broadcast_host)
             else:  # shm (host memory) or ipc (CUDA memory)

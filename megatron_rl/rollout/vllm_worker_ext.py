@@ -58,6 +58,10 @@ class WeightSyncExtension:
 
         return self._mrl_stage(load_safetensors(payload))
 
+    def mrl_load_local(self, bucket: list) -> dict[str, int]:
+        """In-process worker (external launcher): the trainer's tensors, by reference."""
+        return self._mrl_stage(dict(bucket))
+
     def mrl_finish_sync(self) -> dict:
         staged, self._mrl_staged = self._mrl_staged, {}
         manifest, self._mrl_manifest = self._mrl_manifest, None

@@ -38,6 +38,11 @@ def is_driver() -> bool:
     return dist.get_rank() == 0
 
 
+def engines_everywhere(cfg: Config) -> bool:
+    """Every rank hosts part of a vLLM engine (rollout.engine_ranks=all, more than one rank)."""
+    return cfg.rollout.engine_ranks == "all" and dist.get_world_size() > 1
+
+
 def broadcast(obj):
     if dist.get_world_size() == 1:
         return obj
@@ -109,24 +114,64 @@ def load_data(cfg: Config):
     return train, evalset, None
 
 
-def start_engine(cfg: Config, model_dir: Path, max_positions: int):
-    """The rollout engine, as the rollout section of the config describes it (rank 0 only)."""
-    from megatron_rl.rollout.vllm_engine import VLLMEngine
-
+def engine_options(cfg: Config, model_dir: Path, max_positions: int) -> dict:
+    """How each vLLM engine is built, from the rollout section of the config."""
     options = {"max_num_seqs": cfg.rollout.max_num_seqs} if cfg.rollout.max_num_seqs else {}
-    return VLLMEngine(
-        str(model_dir),
+    return dict(
+        model_dir=str(model_dir),
         tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         dtype=cfg.model.dtype,
         seed=cfg.run.seed,
         max_model_len=min(cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens, max_positions),
         cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        enable_sleep_mode=torch.cuda.is_available() and cfg.rollout.colocate_sleep,
         weight_transport=cfg.rollout.weight_transport,
         broadcast_host=cfg.rollout.broadcast_host,
         **options,
     )
+
+
+def start_engine(cfg: Config, model_dir: Path, max_positions: int, external_launcher: bool = False):
+    """The rollout engine, as the rollout section of the config describes it: on rank 0 only, or (with
+    `external_launcher`) a part of one on every rank, all ranks constructing it together."""
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(
+        **engine_options(cfg, model_dir, max_positions),
+        enable_sleep_mode=torch.cuda.is_available() and cfg.rollout.colocate_sleep,
+        external_launcher=external_launcher,
+    )
+
+
+def connect_separate_engines(cfg: Config, run_dir: Path, model_dir: Path, max_positions: int):
+    """placement=separate (rank 0 only): the engine servers on their own nodes, found in the rendezvous
+    directory, each started with this run's model, behind one engine interface."""
+    from megatron_rl.rollout.fanout import EngineFanout
+    from megatron_rl.rollout.remote import connect_engines
+
+    count = separate_engine_count(cfg)
+    rendezvous = Path(cfg.rollout.engine_rendezvous or run_dir / "engines")
+    log.info(
+        "waiting for %d rollout engine(s) in %s (up to %.0f s)", count, rendezvous, cfg.rollout.engine_wait_s
+    )
+    engines = connect_engines(
+        rendezvous, count, cfg.rollout.engine_wait_s, **engine_options(cfg, model_dir, max_positions)
+    )
+    log.info("%d rollout engine(s) started: %s", count, ", ".join(e.address_text for e in engines))
+    return EngineFanout(engines)
+
+
+def separate_engine_count(cfg: Config) -> int:
+    if cfg.rollout.num_engines:
+        return cfg.rollout.num_engines
+    gpus = cfg.rollout.engine_nodes * cfg.cluster.gpus_per_node
+    if gpus < cfg.rollout.tensor_parallel_size:
+        raise ValueError(
+            "config key 'rollout.num_engines': placement is 'separate' and rollout.engine_nodes * "
+            f"cluster.gpus_per_node = {gpus} GPU(s) cannot hold one engine of rollout.tensor_parallel_size "
+            f"{cfg.rollout.tensor_parallel_size}; set rollout.engine_nodes or rollout.num_engines"
+        )
+    return gpus // cfg.rollout.tensor_parallel_size
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -138,11 +183,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
     preemption.install()  # SIGUSR1/SIGTERM: checkpoint and stop after the current RL step
     if cfg.model.pipeline_parallel_size > 1:
         raise ValueError("config key 'model.pipeline_parallel_size': the RL trainer runs PP=1 for now")
-    if cfg.rollout.placement != "colocated":
+    separate = cfg.rollout.placement == "separate"
+    if separate and cfg.rollout.engine_ranks == "all":
         raise ValueError(
-            "config key 'rollout.placement': the trainer runs its vLLM engine in rank 0's process "
-            "('colocated'); engines on separate nodes are not supported yet"
+            "config key 'rollout.engine_ranks': 'all' puts engines on the trainer's ranks, which "
+            "rollout.placement='separate' does not; use engine_ranks='driver' (the default) with it"
         )
+    if separate:
+        separate_engine_count(cfg)  # a config that cannot hold one engine fails before the model loads
     if is_driver():
         (run_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
     dataset, eval_problems, sft_task = load_data(cfg)
@@ -151,17 +199,31 @@ def train(cfg: Config, resume: bool = False) -> dict:
     policy = Policy.from_hf(base_dir, params_dtype=dtype, recompute=cfg.model.recompute)
 
     engine = pool = tokenizer = None
+    spmd = engines_everywhere(cfg)  # rollouts are then collectives: every rank samples its engine's slice
+    max_positions = policy.cfg.max_position_embeddings
+    if separate and is_driver():
+        engine = connect_separate_engines(cfg, run_dir, base_dir, max_positions)
+    elif is_driver() or spmd:
+        engine = start_engine(cfg, base_dir, max_positions, external_launcher=spmd)
+    if engine is not None:
+        tokenizer = engine.tokenizer
+        eval_problems = fitting_prompts(eval_problems, tokenizer, cfg, "eval set")
+        if spmd:
+            log.info(
+                "rank %d hosts engine %d of %d (vLLM external launcher, TP=%d)",
+                dist.get_rank(),
+                engine.engine_index,
+                engine.num_engines,
+                cfg.rollout.tensor_parallel_size,
+            )
     if is_driver():
         from megatron_rl.rewards import RewardPool
 
-        engine = start_engine(cfg, base_dir, policy.cfg.max_position_embeddings)
-        tokenizer = engine.tokenizer
-        eval_problems = fitting_prompts(eval_problems, tokenizer, cfg, "eval set")
         pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
 
     def held_out_accuracy() -> float:
         sync_weights(policy, engine)
-        acc = evaluate(engine, pool, eval_problems, tokenizer, cfg) if is_driver() else 0.0
+        acc = evaluate(engine, pool, eval_problems, tokenizer, cfg) if engine is not None else 0.0
         return broadcast(acc)
 
     # ---- SFT warm start (skipped when resuming a run that already did it)
@@ -210,10 +272,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         seed = cfg.run.seed * 1_000_003 + step * 10_007
         batch = (
             collect_rollouts(engine, pool, dataset, tokenizer, cfg, state["data_position"], seed)
-            if is_driver()
+            if engine is not None
             else None
         )
-        batch = broadcast(batch)
+        batch = broadcast(batch)  # with engines on every rank all hold it already: rank 0's timings win
         if engine is not None:
             engine.sleep()  # colocated on a GPU: vLLM's weights and KV cache make room for training
         t_train = time.perf_counter()
@@ -257,8 +319,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     }
     if is_driver():
         (run_dir / "result.json").write_text(json.dumps(result))
-        engine.shutdown()
         pool.close()
+    if engine is not None:
+        engine.shutdown()
     shutdown()
     return result
 

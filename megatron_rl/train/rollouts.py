@@ -8,9 +8,11 @@ from collections.abc import Sized
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from megatron_rl.algo.grpo import group_advantages, informative_groups, loss_mask
 from megatron_rl.data.prompts import render_prompt
+from megatron_rl.rollout.fanout import slices
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,38 @@ def score(pool, texts: list[str], problems: list, cfg) -> list[float]:
     return pool.score_math(texts, [p.answer for p in problems], timeout=cfg.run.reward_timeout)
 
 
+def engines_on_every_rank(engine) -> bool:
+    """True when every rank hosts part of an engine (vLLM external launcher): sampling is then a collective."""
+    return (
+        bool(getattr(engine, "external_launcher", False))
+        and dist.is_initialized()
+        and (dist.get_world_size() > 1)
+    )
+
+
+def generate_all(engine, prompt_ids: list, **sampling) -> list:
+    """Every prompt's samples, in prompt order. With one engine per group of ranks (a collective then), engine
+    i generates the i-th contiguous slice and the engines' leaders' samples are gathered to every rank; a
+    prompt samples with the same seed whichever engine gets it."""
+    if not engines_on_every_rank(engine):
+        return engine.generate(prompt_ids, **sampling)
+    lo, hi = slices(len(prompt_ids), engine.num_engines)[engine.engine_index]
+    # An engine with an empty slice still calls generate: vLLM's data-parallel engines step together.
+    local = engine.generate(prompt_ids[lo:hi], index_offset=lo, **sampling)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local if engine.is_engine_leader else None)
+    return [s for part in parts if part is not None for s in part]
+
+
 def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, temperature: float):
+    """Samples and rewards. With engines on every rank this is a collective: every rank returns both (the
+    rewards scored on rank 0, which holds the reward pool, and broadcast)."""
     prompt_ids = [
         render_prompt(p, tokenizer, cfg.data.prompt_template, cfg.data.instruction) for p in problems
     ]
     t0 = time.perf_counter()
-    samples = engine.generate(
+    samples = generate_all(
+        engine,
         prompt_ids,
         n=n,
         temperature=temperature,
@@ -92,7 +120,13 @@ def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, 
         seed=seed,
     )
     t1 = time.perf_counter()
-    rewards = score(pool, [s.text for s in samples], [problems[s.prompt_index] for s in samples], cfg)
+    rewards = None
+    if pool is not None:
+        rewards = score(pool, [s.text for s in samples], [problems[s.prompt_index] for s in samples], cfg)
+    if engines_on_every_rank(engine):
+        box = [rewards]
+        dist.broadcast_object_list(box, src=0)
+        rewards = box[0]
     return samples, rewards, t1 - t0, time.perf_counter() - t1
 
 

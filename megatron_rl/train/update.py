@@ -128,5 +128,10 @@ def policy_update(policy, optimizer, scheduler, batch, cfg) -> dict[str, float]:
             }
             if cfg.grpo.kl_coef > 0:
                 metrics["kl_ref"] = totals["kl_ref"] / num_tokens
+            if dp > 1:  # each rank scored its own share of the batch: log the worst rank's mismatch
+                worst = torch.tensor([metrics["mismatch_max_abs_diff"]], dtype=torch.float64)
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+                metrics["mismatch_max_abs_diff_local"] = metrics["mismatch_max_abs_diff"]
+                metrics["mismatch_max_abs_diff"] = float(worst)
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     return metrics

@@ -1,0 +1,118 @@
+"""Colocated multi-engine rollouts: every trainer rank hosts part of a vLLM engine (vLLM's external launcher).
+
+Two ranks, a Megatron policy and a vLLM engine per rank (two engines, TP=1) or one engine across both (TP=2):
+sampling as a collective (each engine its slice, gathered to all ranks), weight pushes into each rank's
+in-process engine, and a 2-rank `megatron-rl train` run with rollout.engine_ranks=all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_rl.distributed import free_port
+from tests.distributed_helpers import run_distributed
+
+PROMPTS = [[5, 6, 7], [8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
+
+
+def _engines(rank: int, world: int, model_dir: str, trainer_tp: int, rollout_tp: int, transport: str) -> None:
+    import torch.distributed as dist
+    from transformers import Qwen2ForCausalLM
+
+    from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+    from megatron_rl.train.rollouts import generate_all
+
+    init_distributed(ParallelLayout(tp=trainer_tp), rank=rank, world_size=world)
+    policy = Policy.from_hf(model_dir)
+    engine = VLLMEngine(
+        model_dir, tensor_parallel_size=rollout_tp, external_launcher=True, weight_transport=transport,
+        max_model_len=128,
+    )  # fmt: skip
+    assert engine.num_engines == world // rollout_tp and engine.engine_index == rank // rollout_tp
+    sampling = {"n": 2, "max_tokens": 6, "seed": 3}
+
+    # Every rank gets every prompt's samples, in prompt order, whichever engine made them.
+    samples = generate_all(engine, PROMPTS, **sampling)
+    assert [s.prompt_index for s in samples] == [i for i in range(len(PROMPTS)) for _ in range(2)]
+    assert [s.prompt_ids for s in samples[::2]] == PROMPTS
+    everyone = [None] * world
+    dist.all_gather_object(everyone, [s.token_ids for s in samples])
+    assert everyone[0] == everyone[1]
+    # An engine with an empty slice (one prompt, two engines) still takes part: no hang, one prompt back.
+    assert len(generate_all(engine, PROMPTS[:1], **sampling)) == 2
+
+    # Push changed weights (every rank exports full HF tensors, TP gathered) and check vLLM's logprobs
+    # against transformers on the pushed tensors.
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
+    buckets = list(policy.hf_buckets())
+    tensors = {name: t for bucket in buckets for name, t in bucket}
+    assert tensors["model.embed_tokens.weight"].shape == (policy.cfg.vocab_size, policy.cfg.hidden_size)
+    report = engine.update_weights(buckets)
+    assert report.tensors == len(tensors)
+    assert report.transport == ("local" if transport == "auto" else transport)
+    hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.load_state_dict(tensors, strict=False)
+    worst = 0.0
+    for s in generate_all(engine, PROMPTS, **sampling):
+        ids = torch.tensor([s.prompt_ids + s.token_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(hf(ids).logits[0, len(s.prompt_ids) - 1 : -1], -1)
+        ref = logprobs.gather(-1, torch.tensor(s.token_ids)[:, None])[:, 0]
+        worst = max(worst, (ref - torch.tensor(s.logprobs)).abs().max().item())
+    assert worst < 1e-5, f"rank {rank}: max |vLLM - transformers| logprob after the push = {worst}"
+    engine.shutdown()
+    shutdown()
+
+
+@pytest.mark.parametrize(
+    "trainer_tp,rollout_tp,transport", [(1, 1, "shm"), (2, 2, "rpc"), (2, 1, "auto")]
+)  # fmt: skip
+def test_engines_on_every_rank(tiny_ckpt, trainer_tp, rollout_tp, transport):
+    run_distributed(_engines, 2, tiny_ckpt, trainer_tp, rollout_tp, transport)
+
+
+def test_two_rank_train_with_two_engines_and_resume(tmp_path):
+    from tests.test_train_run import _args
+
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(steps: int, *extra: str) -> subprocess.CompletedProcess:
+        args = _args(tmp_path, "two", steps)  # args[1:4]: "-m megatron_rl.cli train"
+        cmd = launcher + args[1:4] + list(extra) + args[4:] + ["rollout.engine_ranks=all"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return proc
+
+    first = run(2)
+    assert "rank 0 hosts engine 0 of 2" in first.stderr and "rank 1 hosts engine 1 of 2" in first.stderr
+    assert len(first.stdout.strip().splitlines()) == 1  # the result line, printed by rank 0 only
+    assert json.loads(first.stdout)["run_dir"] == str(tmp_path / "two")
+    # Resume on both engines from the step-2 checkpoint: the engines get the checkpoint's weights, so the
+    # step-3 rollouts are scored by the trainer with the same log-probs vLLM sampled them with.
+    second = run(3, "--resume")
+    assert "at step 2" in second.stderr
+    records = {}
+    for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        records[r["step"]] = r
+    assert sorted(records) == [1, 2, 3]
+    for step in (1, 3):  # the worst of both ranks' shares (all-reduced)
+        assert records[step]["mismatch_max_abs_diff"] < 1e-5, records[step]
+    assert (tmp_path / "two" / "final_model" / "model.safetensors").is_file()
