@@ -242,6 +242,12 @@ def main(domain: str, argv: list[str] | None = None) -> int:
             output_dir = str(REPO / cfg.run.output_dir)  # an absolute output_dir stays as it is
         overrides.append(f"run.output_dir={output_dir}")
         cfg = load_config(config, overrides)
+        if cfg.rollout.placement == "separate":
+            raise LaunchError(
+                "rollout.placement=separate: the engine servers on their own nodes are started by the sbatch "
+                "scripts (sbatch --nodes=N slurm/math_stage.sh rollout.placement=separate "
+                "rollout.engine_nodes=E); this launcher starts trainer ranks only (use placement colocated)"
+            )
         if slurm and not args.no_plan:
             plan = make_plan(cfg, str(config))
             print(format_plan(plan), file=sys.stderr)

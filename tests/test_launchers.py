@@ -161,3 +161,10 @@ def test_launcher_refuses_a_config_that_does_not_fit(capsys):
 def test_code_stage_has_no_tiny_config(capsys):
     assert main("code", ["--executor", "local"]) == 2
     assert "no tiny code config" in capsys.readouterr().err
+
+
+def test_separate_placement_is_left_to_the_sbatch_scripts(capsys):
+    argv = ["--executor", "slurm", "--model", "7b", "--account", "a", "--dryrun"]
+    assert main("math", [*argv, "rollout.placement=separate", "rollout.engine_nodes=1"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout.placement=separate" in err and "slurm/math_stage.sh" in err

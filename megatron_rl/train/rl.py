@@ -154,10 +154,10 @@ def connect_separate_engines(cfg: Config, run_dir: Path, model_dir: Path, max_po
     log.info(
         "waiting for %d rollout engine(s) in %s (up to %.0f s)", count, rendezvous, cfg.rollout.engine_wait_s
     )
-    engines = connect_engines(
-        rendezvous, count, cfg.rollout.engine_wait_s, **engine_options(cfg, model_dir, max_positions)
-    )
-    log.info("%d rollout engine(s) started: %s", count, ", ".join(e.address_text for e in engines))
+    options = engine_options(cfg, model_dir, max_positions)
+    engines = connect_engines(rendezvous, count, wait_s=cfg.rollout.engine_wait_s, **options)
+    where = ", ".join(f"{e.address[0]}:{e.address[1]}" for e in engines)
+    log.info("%d rollout engine(s) started on separate nodes: %s", count, where)
     return EngineFanout(engines)
 
 
