@@ -116,7 +116,8 @@ def test_cli_run_setup_errors_are_one_line(tmp_path, case):
         ),
         "separate placement": (
             ["rollout.placement=separate"],
-            "error: config key 'rollout.placement': the trainer runs its vLLM engine in rank 0's process",
+            "error: config key 'rollout.num_engines': placement is 'separate' and rollout.engine_nodes * "
+            "cluster.gpus_per_node = 0 GPU(s) cannot hold one engine",
         ),
     }[case]
     proc = subprocess.run(
