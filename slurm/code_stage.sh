@@ -19,14 +19,18 @@
 #   RUN_NAME        (the config's run.name)      -> run.name
 #   LOG_DIR         $OUTPUT_DIR/logs             the job's log: LOG_DIR/<job name>-<job id>.out
 #   PYTHON          .venv/bin/python or python3  the environment with megatron-rl installed
-#   ROLLOUT_PLACEMENT (unset)                    -> rollout.placement, only when set (the config must have it)
+#   ROLLOUT_PLACEMENT (the config's)             -> rollout.placement: colocated or separate (see Placement)
+#   ENGINE_NODES    (the config's)               -> rollout.engine_nodes: nodes for vLLM when separate
 #   SRUN_WAIT       300                          seconds the other ranks get once one has exited
 #   REPO_DIR        the submit directory         where slurm/common.sh and relative paths are found
 # Arguments after the script are passed to the trainer as dotted overrides (key=value).
 #
-# Placement: the trainer runs the vLLM rollout engine colocated, inside rank 0's process on rank 0's GPU(s);
-# the other ranks only train. Preemption: on SIGUSR1 the trainer saves a checkpoint after its current step and
-# exits with code 85, and the job requeues itself; the requeued job resumes from that checkpoint (--resume).
+# Placement (rollout.placement): colocated, the trainer runs the vLLM rollout engine(s) in its own processes
+# (rank 0's, or every rank's with rollout.engine_ranks=all). Separate, the job's last rollout.engine_nodes nodes
+# run `megatron-rl serve-rollout`, one engine server per rollout.tensor_parallel_size GPUs, and the trainer runs
+# on the other nodes; include those nodes in --nodes, e.g. ROLLOUT_PLACEMENT=separate ENGINE_NODES=1
+# sbatch --nodes=5 slurm/math_stage.sh. Preemption: on SIGUSR1 the trainer saves a checkpoint after its current
+# step and exits with code 85, and the job requeues itself; the requeued job resumes from that checkpoint.
 #SBATCH --job-name=mrl-code
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=8

@@ -18,13 +18,15 @@
 #   RUN_NAME        (the config's run.name)      -> run.name
 #   LOG_DIR         $OUTPUT_DIR/logs             the job's log: LOG_DIR/<job name>-<job id>.out
 #   PYTHON          .venv/bin/python or python3  the environment with megatron-rl installed
-#   ROLLOUT_PLACEMENT (unset)                    -> rollout.placement, only when set (the config must have it)
+#   ROLLOUT_PLACEMENT (the config's)             -> rollout.placement: colocated or separate (see Placement)
+#   ENGINE_NODES    (the config's)               -> rollout.engine_nodes: nodes for vLLM when separate
 #   SRUN_WAIT       300                          seconds the other ranks get once one has exited
 #   REPO_DIR        the submit directory         where slurm/common.sh and relative paths are found
 # Arguments after the script are passed to the trainer as dotted overrides (key=value).
 #
-# Placement: the vLLM engine (held-out evaluation) runs colocated, inside rank 0's process. Ten minutes before
-# the time limit (USR1) SFT checkpoints after its current step and the job is requeued; it continues from there.
+# Placement: the vLLM engine (held-out evaluation) runs colocated, inside rank 0's process, or with
+# rollout.placement=separate on the job's last rollout.engine_nodes nodes, as in slurm/math_stage.sh. Ten minutes
+# before the time limit (USR1) SFT checkpoints after its current step and the job is requeued; it continues there.
 #SBATCH --job-name=mrl-sft
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8

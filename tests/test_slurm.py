@@ -1,8 +1,12 @@
-"""The sbatch scripts on a real one-node Slurm (munged, slurmctld, slurmd started here), and their pieces.
+"""The sbatch scripts on a real two-node Slurm (munged, slurmctld, two slurmd started here), and their pieces.
 
 The cluster is private to this module: its own munge key and socket, slurm.conf, ports, state and logs in a temp
-dir; every daemon it starts is stopped by its pid. The jobs run the tiny CPU config with two tasks (two ranks,
-data-parallel 2), as `sbatch slurm/math_stage.sh` would on a GPU cluster.
+dir; every daemon it starts is stopped by its pid. Its two nodes are two slurmd on this machine (`slurmd -N
+NAME`, each with its own port, spool, pid and log file), named after this host and `localhost` so that both
+names resolve (MASTER_ADDR and rollout.broadcast_host are node names). Each node has 2 CPUs and 2 GPUs that are
+device nodes made here (mknod, no hardware): Slurm's own GPU binding sets CUDA_VISIBLE_DEVICES per task, and
+torch still sees no GPU. The jobs run the tiny CPU config with two tasks (two ranks, data-parallel 2), as
+`sbatch slurm/math_stage.sh` would on a GPU cluster, and with vLLM on the second node (placement=separate).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -30,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 SETTINGS = ("CONFIG", "MODEL_PATH", "DATA_PATH", "EVAL_DATA_PATH", "OUTPUT_DIR", "RUN_NAME", "LOG_DIR",
-            "ROLLOUT_PLACEMENT", "REPO_DIR", "SRUN_WAIT")  # fmt: skip
+            "ROLLOUT_PLACEMENT", "ENGINE_NODES", "REPO_DIR", "SRUN_WAIT", "PYTHON")  # fmt: skip
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints"}
 INSTALL_HINT = "run `make system-deps` as root (installs slurmctld slurmd slurm-client munge shellcheck)"
@@ -69,6 +74,8 @@ def _wait_for(predicate, timeout: float, what: str, interval: float = 0.5):
 class Cluster:
     root: Path
     env: dict[str, str]
+    nodes: list[str] = field(default_factory=list)
+    gpus_per_node: int = 0
     daemons: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     jobs: list[str] = field(default_factory=list)
 
@@ -127,12 +134,21 @@ class Cluster:
 
         return _wait_for(check, timeout, f"job {job_id}")
 
-    def submit(self, script: str, out_dir: Path, overrides: list[str]) -> str:
+    def submit(
+        self, script: str, out_dir: Path, overrides: list[str], nodes: int = 1, tasks_per_node: int = 2,
+        gpus_per_node: int = 0, python: str = sys.executable, settings: dict[str, str] | None = None,
+    ) -> str:  # fmt: skip
         env = {k: v for k, v in self.env.items() if k not in SETTINGS}
-        env |= {"CONFIG": "configs/tiny_math.yaml", "OUTPUT_DIR": str(out_dir), "PYTHON": sys.executable}
+        env |= {
+            "CONFIG": "configs/tiny_math.yaml",
+            "OUTPUT_DIR": str(out_dir),
+            "PYTHON": python,
+            **(settings or {}),
+        }
         proc = subprocess.run(
-            ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-             f"--output={out_dir}/sbatch-%j.out", script, *overrides],
+            ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
+             f"--gpus-per-node={gpus_per_node}", "--cpus-per-task=1", f"--output={out_dir}/sbatch-%j.out",
+             script, *overrides],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
@@ -152,13 +168,12 @@ AuthType=auth/munge
 AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
 CredType=cred/munge
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -170,9 +185,28 @@ MinJobAge=3600
 KillWait=10
 ReturnToService=2
 SchedulerParameters=sched_interval=2,bf_interval=1
-NodeName={host} CPUs=2 State=UNKNOWN
+{gres_types}
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+GPUS_PER_NODE = 2
+
+
+def _fake_gpus(root: Path, nodes: list[str]) -> str:
+    """gres.conf lines for GPUS_PER_NODE GPUs per node, backed by character devices made here (the numbers of
+    /dev/null); "" where this machine refuses mknod (the cluster then has no GPUs)."""
+    dev = root / "dev"
+    dev.mkdir()
+    lines = []
+    for n, node in enumerate(nodes):
+        first = n * GPUS_PER_NODE
+        try:
+            for i in range(first, first + GPUS_PER_NODE):
+                os.mknod(dev / f"nvidia{i}", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+        except OSError:
+            return ""
+        lines.append(f"NodeName={node} Name=gpu File={dev}/nvidia[{first}-{first + GPUS_PER_NODE - 1}]")
+    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -183,18 +217,31 @@ def slurm(tmp_path_factory):
             "the Slurm tests start slurmd, which runs jobs as their user: run them as root (as CI does)"
         )
     root = tmp_path_factory.mktemp("slurm")
-    for sub in ("munge", "state", "spool", "log"):
-        (root / sub).mkdir()
+    host = socket.gethostname().split(".")[0]
+    if host == "localhost":
+        pytest.fail("the two test nodes are named after this host and 'localhost': set a hostname")
+    nodes = [host, "localhost"]  # both resolve to this machine
+    for sub in ("munge", "state", "log", *(f"spool/{node}" for node in nodes)):
+        (root / sub).mkdir(parents=True)
     os.chmod(root, 0o755)
     os.chmod(root / "munge", 0o755)
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(128))
     key.chmod(0o400)
-    host = socket.gethostname().split(".")[0]
+    gres = _fake_gpus(root, nodes)
+    if gres:
+        (root / "gres.conf").write_text(gres)
+    gpus = GPUS_PER_NODE if gres else 0
+    node_lines = "\n".join(
+        f"NodeName={node} NodeHostname={host} NodeAddr={node} Port={_free_port()} CPUs=2"
+        + (f" Gres=gpu:{gpus}" if gpus else "") + " State=UNKNOWN"
+        for node in nodes
+    )  # fmt: skip
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(host=host, root=root, ctld_port=_free_port(), slurmd_port=_free_port()))
+    conf.write_text(SLURM_CONF.format(host=host, root=root, ctld_port=_free_port(), node_lines=node_lines,
+                                      gres_types="GresTypes=gpu" if gpus else ""))  # fmt: skip
     env = {**os.environ, "SLURM_CONF": str(conf), "PATH": SBIN_PATH}
-    cluster = Cluster(root, env)
+    cluster = Cluster(root, env, nodes, gpus)
     try:
         m = root / "munge"
         cluster.start("munged", "munged", "--foreground", "--force", f"--socket={m}/munge.socket",
@@ -202,11 +249,12 @@ def slurm(tmp_path_factory):
                       f"--log-file={root}/log/munged.log")  # fmt: skip
         _wait_for(lambda: (m / "munge.socket").exists(), 10, "munged's socket", 0.1)
         cluster.start("slurmctld", "slurmctld", "-D", "-i")
-        cluster.start("slurmd", "slurmd", "-D")
+        for node in nodes:
+            cluster.start(f"slurmd-{node}", "slurmd", "-D", "-N", node)
         _wait_for(
-            lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
+            lambda: cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split() == ["idle"] * 2,
             30,
-            "the node to be idle" + cluster.log_tail("slurm"),
+            "both nodes to be idle" + cluster.log_tail("slurm"),
         )
         yield cluster
     finally:
@@ -275,6 +323,132 @@ def test_math_stage_requeues_on_usr1_and_resumes(slurm, tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
 
 
+def _job_hosts(slurm: Cluster, job: dict[str, str]) -> list[str]:
+    return slurm.run("scontrol", "show", "hostnames", job["NodeList"]).stdout.split()
+
+
+def test_math_stage_runs_engines_on_a_separate_node_and_requeues(slurm, tmp_path):
+    """placement=separate on two nodes: the vLLM engine server on the job's last node, the trainer on the first;
+    a USR1 requeues the job, which starts both again (a clean rendezvous directory) and finishes every step."""
+    steps = 8
+    overrides = ["run.name=separate", f"run.steps={steps}", "run.checkpoint_every=1", *QUICK]
+    settings = {"ROLLOUT_PLACEMENT": "separate", "ENGINE_NODES": "1"}
+    job_id = slurm.submit(
+        "slurm/math_stage.sh", tmp_path, overrides, nodes=2, tasks_per_node=1, settings=settings
+    )
+    run_dir = tmp_path / "separate"
+    latest = run_dir / "checkpoints" / "latest"
+    _wait_for(
+        lambda: latest.is_file() or slurm.job(job_id)["JobState"] in FINISHED, 400, "a first checkpoint", 0.1
+    )
+    assert latest.is_file(), _log(tmp_path, job_id)[-4000:]
+    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED or j.get("Restarts") != "0", timeout=120)
+    assert job.get("Restarts") == "1", (job, _log(tmp_path, job_id)[-4000:])
+    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED, timeout=400)
+    log = _log(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED", log[-4000:]
+
+    trainer, engine = _job_hosts(slurm, job)
+    first, second = log.split("restart 1:")
+    for run in (first, second):
+        assert f"rollout engines: 1 serve-rollout task(s) on 1 node(s) [{engine}], 1 per node" in run, run[
+            -4000:
+        ]
+        assert f"trainer: 1 node(s) [{trainer}], 1 task(s)" in run
+        assert (
+            f"\nengine 0: engine server 0 on {engine} " in run and f"\n0: trainer rank 0 on {trainer} " in run
+        )
+        assert (
+            f"rollout.num_engines=1 rollout.engine_rendezvous={run_dir}/engines rollout.broadcast_host={trainer}"
+            in run
+        )
+        # Exit code 0: the server shut down on the trainer's request (one whose trainer vanished exits 1).
+        assert "engine servers exited with code 0" in run, run[-4000:]
+    assert "trainer exited with code 85" in first and f"requeueing job {job_id}" in first
+    assert "trainer exited with code 0" in second
+    stopped = re.search(r"preempted: stopped after step (\d+)", first)
+    assert stopped and f"resumed from {run_dir}/checkpoints/step_{int(stopped.group(1)):06d}" in second
+    assert _metric_steps(run_dir) == list(range(1, steps + 1))
+    assert latest.read_text().strip() == f"step_{steps:06d}"
+
+
+STUB_PYTHON = """#!/bin/bash
+# Stands in for the trainer and the engine servers (python -m megatron_rl.cli ...): says where it runs and with
+# what, and exits 0 (the trainer: $STUB_TRAINER_EXIT; a server with $STUB_ENGINE_HANGS set never ends).
+# Anything else (the stage script's config check) runs in the real Python.
+if [[ $1 == -m ]]; then
+    echo "stub on $SLURMD_NODENAME task $SLURM_PROCID/$SLURM_NTASKS gpus=${{CUDA_VISIBLE_DEVICES:-}}" \\
+        "cpus=${{SLURM_CPUS_PER_TASK:-}} master=${{MASTER_ADDR:-}}: ${{*:3}}"
+    if [[ $3 == serve-rollout ]]; then
+        [[ -z ${{STUB_ENGINE_HANGS:-}} ]] || exec sleep 600
+        exit 0
+    fi
+    exit "${{STUB_TRAINER_EXIT:-0}}"
+fi
+exec {python} "$@"
+"""
+
+
+def _stub_python(tmp_path: Path) -> str:
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON.format(python=sys.executable))
+    stub.chmod(0o755)
+    return str(stub)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_separate_placement_gives_each_engine_its_gpus(slurm, tmp_path, tp):
+    """The layout the stage script asks Slurm for, with a stub in place of the trainer and the servers: two
+    nodes x 2 GPUs x 2 tasks, rollout TP 1 (two engines, one GPU each) or 2 (one engine with both GPUs)."""
+    if not slurm.gpus_per_node:
+        pytest.skip("this machine refused mknod: the test cluster has no GPUs to bind")
+    rendezvous = tmp_path / "layout" / "engines"
+    rendezvous.mkdir(parents=True)
+    (rendezvous / "engine_7.json").write_text("{}")  # left by an earlier run of the same job id
+    overrides = ["run.name=layout", "rollout.placement=separate", "rollout.engine_nodes=1",
+                 f"rollout.tensor_parallel_size={tp}"]  # fmt: skip
+    job_id = slurm.submit("slurm/math_stage.sh", tmp_path, overrides, nodes=2, tasks_per_node=2,
+                          gpus_per_node=slurm.gpus_per_node, python=_stub_python(tmp_path))  # fmt: skip
+    job = slurm.wait_job(job_id, lambda j: j.get("JobState") in FINISHED, timeout=120)
+    log = _log(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED", log[-4000:]
+    trainer, engine = _job_hosts(slurm, job)
+    engines = 2 // tp
+    stubs = sorted(re.findall(r"^(engine \d|\d): stub on (\S+) task (\d)/(\d) gpus=(\S*) cpus=(\d*) master=\S*: (\S+)",
+                              log, re.MULTILINE))  # fmt: skip
+    engine_gpus = [",".join(map(str, range(i * tp, (i + 1) * tp))) for i in range(engines)]
+    assert stubs == [
+        *[(f"{rank}", trainer, f"{rank}", "2", "0,1", "1", "train") for rank in range(2)],
+        *[(f"engine {i}", engine, f"{i}", f"{engines}", engine_gpus[i], f"{tp}", "serve-rollout") for i in range(engines)],
+    ], log[-4000:]  # fmt: skip
+    assert f"master={trainer}: train " in log
+    assert f"serve-rollout --rendezvous {rendezvous}\n" in log
+    assert (
+        f"rollout.num_engines={engines} rollout.engine_rendezvous={rendezvous} rollout.broadcast_host={trainer}\n"
+        in log
+    )
+    assert not list(rendezvous.glob("engine_*.json"))
+    assert "trainer exited with code 0" in log and "engine servers exited with code 0" in log
+
+
+def test_engine_servers_outliving_the_trainer_are_cancelled(slurm, tmp_path):
+    """Servers that never heard from a trainer (it failed first) would wait forever: the script gives them
+    SRUN_WAIT seconds, cancels their step, and the job ends with the trainer's exit code."""
+    settings = {"SRUN_WAIT": "2", "STUB_ENGINE_HANGS": "1", "STUB_TRAINER_EXIT": "3"}
+    job_id = slurm.submit("slurm/math_stage.sh", tmp_path, ["rollout.placement=separate", "rollout.engine_nodes=1"],
+                          nodes=2, tasks_per_node=1, python=_stub_python(tmp_path), settings=settings)  # fmt: skip
+    job = slurm.wait_job(job_id, lambda j: j.get("JobState") in FINISHED, timeout=120)
+    log = _log(tmp_path, job_id)
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", "3:0"), log[-4000:]
+    assert "trainer exited with code 3" in log
+    assert re.search(
+        rf"engine servers still running 2 s after the trainer: cancelling step {job_id}\.\d+\n", log
+    )
+    exited = re.search(r"engine servers exited with code (\d+)", log)
+    assert exited and exited.group(1) != "0", log[-4000:]
+
+
 # ---- the pieces, without a cluster
 
 
@@ -320,6 +494,33 @@ def test_stage_script_names_what_is_missing(tmp_path):
     assert (
         no_model.returncode == 2 and f"MODEL_PATH={tmp_path / 'absent'} is not a directory" in no_model.stderr
     )
+
+
+def test_separate_placement_is_checked_before_srun(tmp_path):
+    one_node = _stage(tmp_path, "rollout.engine_nodes=1", CONFIG="configs/tiny_math.yaml", SLURM_JOB_NUM_NODES="1",
+                      ROLLOUT_PLACEMENT="separate")  # fmt: skip
+    assert one_node.returncode == 2 and one_node.stderr.strip().splitlines() == [
+        "error: rollout.engine_nodes=1 leaves no node to train on: this job has 1 node(s) (sbatch --nodes=2 or more)"
+    ]
+    no_engines = _stage(tmp_path, "rollout.placement=separate", CONFIG="configs/tiny_math.yaml",
+                        SLURM_JOB_NUM_NODES="2")  # fmt: skip
+    assert no_engines.returncode == 2 and no_engines.stderr.strip().splitlines() == [
+        "error: rollout.engine_nodes is 0 with rollout.placement=separate: set it (or ENGINE_NODES) to the number "
+        "of nodes for vLLM, 1 to nodes - 1"
+    ]
+    odd_tp = _stage(tmp_path, "rollout.placement=separate", "rollout.tensor_parallel_size=3",
+                    CONFIG="configs/tiny_math.yaml", ENGINE_NODES="1", SLURM_JOB_NUM_NODES="2",
+                    SLURM_GPUS_ON_NODE="8")  # fmt: skip
+    assert odd_tp.returncode == 2 and odd_tp.stderr.strip().splitlines() == [
+        "error: rollout.tensor_parallel_size=3 does not divide the 8 GPU(s) per node: no whole number of engines "
+        "per engine node"
+    ]
+    all_ranks = _stage(tmp_path, "rollout.placement=separate", "rollout.engine_ranks=all", ENGINE_NODES="1",
+                       CONFIG="configs/tiny_math.yaml", SLURM_JOB_NUM_NODES="2")  # fmt: skip
+    assert all_ranks.returncode == 2 and all_ranks.stderr.strip().splitlines() == [
+        "error: rollout.engine_ranks=all puts the engines on the trainer's ranks, rollout.placement=separate on "
+        "their own nodes: add rollout.engine_ranks=driver"
+    ]
 
 
 def test_rendezvous_from_slurm_variables():
