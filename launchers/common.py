@@ -7,7 +7,9 @@ Slurm settings come from, in order of precedence: the command line (--account, -
 --gpus-per-node, --time, --container-image), environment variables (MEGATRON_RL_SLURM_ACCOUNT,
 MEGATRON_RL_SLURM_PARTITION, MEGATRON_RL_NODES, MEGATRON_RL_GPUS_PER_NODE, MEGATRON_RL_SLURM_TIME,
 MEGATRON_RL_CONTAINER_IMAGE), then the config's `cluster:` section. The job runs one task per GPU
-(`srun` sets SLURM_PROCID/SLURM_NTASKS; megatron_rl.distributed derives the rendezvous from them).
+(`srun` sets SLURM_PROCID/SLURM_NTASKS; megatron_rl.distributed derives the rendezvous from them) and passes
+--resume, so a job requeued after a failure (--retries N, or MEGATRON_RL_SLURM_RETRIES) or launched again with
+the same output directory continues from the run's latest checkpoint.
 Before submitting, the config is sized with `megatron-rl plan`: a config that does not fit is not submitted.
 """
 
@@ -88,13 +90,20 @@ def cluster_overrides(cfg, settings: ClusterSettings) -> list[str]:
 
 
 def megatron_rl_script(
-    command: str, config: Path, overrides: list[str], python: str = sys.executable, nproc: int = 1
+    command: str,
+    config: Path,
+    overrides: list[str],
+    python: str = sys.executable,
+    nproc: int = 1,
+    resume: bool = False,
 ) -> run.Script:
-    """`megatron-rl COMMAND --config CONFIG overrides...` as a NeMo-Run script (`python -m megatron_rl.cli`).
+    """`megatron-rl COMMAND --config CONFIG [--resume] overrides...` as a NeMo-Run script (`python -m
+    megatron_rl.cli`).
 
     nproc > 1 (a local multi-GPU node) starts the ranks with torchrun; under Slurm, srun starts one task per GPU.
+    `resume`: continue from the run's latest checkpoint when there is one (a requeued or relaunched job).
     """
-    args = [command, "--config", str(config), *overrides]
+    args = [command, "--config", str(config), *(["--resume"] if resume else []), *overrides]
     if nproc > 1:
         args = ["--standalone", f"--nproc-per-node={nproc}", "-m", "megatron_rl.cli", *args]
         return run.Script(path="torch.distributed.run", m=True, entrypoint=python, args=args)
@@ -111,8 +120,15 @@ def slurm_executor(
     ssh_host: str | None = None,
     ssh_user: str | None = None,
     env: dict[str, str] | None = None,
+    retries: int = 0,
 ) -> run.SlurmExecutor:
-    """A whole-node Slurm executor: `nodes` nodes, one task and one GPU per task on each of `gpus_per_node`."""
+    """A whole-node Slurm executor: `nodes` nodes, one task and one GPU per task on each of `gpus_per_node`.
+
+    `retries`: how many times NeMo-Run's batch script requeues the job when the trainer exits with an error (a
+    crashed node, a preemption); the job's command carries --resume, so each retry continues from the last
+    checkpoint."""
+    if retries < 0:
+        raise LaunchError(f"retries must be 0 or more, got {retries}")
     if not settings.account:
         raise LaunchError(
             f"no Slurm account: pass --account, set {ENV['account']} or cluster.account in the config"
@@ -135,6 +151,7 @@ def slurm_executor(
         container_image=settings.container_image,
         env_vars=dict(env or {}),
         tunnel=tunnel,
+        retries=retries,
     )
 
 
@@ -150,7 +167,10 @@ def run_experiment(
         exp.run(sequential=True, detach=detach)
     job = exp.jobs[0]
     state = job.state.name if job.state is not None else "UNKNOWN"
-    return {"experiment_id": exp._id, "status": state, "job_dir": job.executor.job_dir}
+    result = {"experiment_id": exp._id, "status": state, "job_dir": job.executor.job_dir}
+    if isinstance(executor, run.SlurmExecutor):  # the handle is slurm_tunnel://nemo_run/<job id>
+        result["slurm_job_id"] = job.handle.rsplit("/", 1)[-1]
+    return result
 
 
 def sbatch_script(name: str, script: run.Script, executor: run.SlurmExecutor) -> str:
@@ -201,6 +221,13 @@ def _parser(domain: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--ssh-host", default=None, help="Slurm: submit over SSH to this login node")
     p.add_argument("--ssh-user", default=None)
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=None,
+        help="Slurm: requeue a job that failed this many times, resuming from its last checkpoint "
+        "(env MEGATRON_RL_SLURM_RETRIES)",
+    )
     p.add_argument("--python", default=None, help="python on the cluster (Slurm default: python)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
@@ -273,8 +300,14 @@ def main(domain: str, argv: list[str] | None = None) -> int:
             executor = local_executor()
         else:  # the job runs in NeMo-Run's git-archive copy of this repo: repo files by relative path
             config_arg = config.relative_to(REPO) if config.is_relative_to(REPO) else config
-            script = megatron_rl_script(command, config_arg, overrides, args.python or "python")
-            executor = slurm_executor(settings, job_dir, args.ssh_host, args.ssh_user)
+            script = megatron_rl_script(command, config_arg, overrides, args.python or "python", resume=True)
+            retries = args.retries
+            if retries is None:
+                raw = os.environ.get("MEGATRON_RL_SLURM_RETRIES") or "0"
+                if not raw.isdigit():
+                    raise LaunchError(f"MEGATRON_RL_SLURM_RETRIES must be a whole number, got {raw!r}")
+                retries = int(raw)
+            executor = slurm_executor(settings, job_dir, args.ssh_host, args.ssh_user, retries=retries)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from megatron_rl.distributed import first_slurm_host, slurm_rendezvous
@@ -447,6 +448,68 @@ def test_engine_servers_outliving_the_trainer_are_cancelled(slurm, tmp_path):
     )
     exited = re.search(r"engine servers exited with code (\d+)", log)
     assert exited and exited.group(1) != "0", log[-4000:]
+
+
+def _trainer_processes(run_name: str) -> list[psutil.Process]:
+    """The `megatron_rl.cli train` processes of one run (found by its run.name override)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "megatron_rl.cli" in cmd and "train" in cmd and f"run.name={run_name}" in cmd:
+            found.append(proc)
+    return found
+
+
+def test_nemo_run_slurm_executor_submits_and_requeues_after_a_crash(slurm, tmp_path):
+    """`python -m launchers.math_stage --executor slurm` submits NeMo-Run's own sbatch script (git archive of the
+    repo, srun of one task per GPU) to the real cluster. A trainer rank killed after the first checkpoint fails the
+    step; with --retries 1 NeMo-Run's script requeues the job, whose command carries --resume: it continues from
+    the checkpoint and finishes. (NeMo-Run reads job states with sacct, which needs slurmdbd: --detach, and the
+    test watches the job with scontrol.)"""
+    if not slurm.gpus_per_node:
+        pytest.skip(
+            "this machine refused mknod: the test cluster has no GPUs for the executor's --gpus-per-node"
+        )
+    steps, name = 6, "nemo_slurm"
+    runs, jobs = tmp_path / "runs", tmp_path / "jobs"
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("MEGATRON_RL_")}
+    env["NEMORUN_HOME"] = str(tmp_path / "nemo_run_home")
+    launch = subprocess.run(
+        [sys.executable, "-m", "launchers.math_stage", "--executor", "slurm", "--config", "configs/tiny_math.yaml",
+         "--account", "test", "--nodes", "1", "--gpus-per-node", str(slurm.gpus_per_node), "--time", "00:30:00",
+         "--job-dir", str(jobs), "--output-dir", str(runs), "--python", sys.executable, "--retries", "1",
+         "--detach", f"run.name={name}", f"run.steps={steps}", "run.checkpoint_every=1", *QUICK],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    result = json.loads(launch.stdout.strip().splitlines()[-1])
+    job_id = result["slurm_job_id"]
+    slurm.jobs.append(job_id)
+    run_dir = runs / name
+    assert result["run_dir"] == str(run_dir)
+
+    def nemo_logs() -> str:
+        return "".join(
+            f"\n--- {p.name}\n" + p.read_text(errors="replace")[-3000:] for p in sorted(jobs.rglob("*.out"))
+        )
+
+    latest = run_dir / "checkpoints" / "latest"
+    _wait_for(
+        lambda: latest.is_file() or slurm.job(job_id)["JobState"] in FINISHED, 400, "a first checkpoint", 0.1
+    )
+    assert latest.is_file(), (slurm.job(job_id), nemo_logs())
+    trainers = _wait_for(lambda: _trainer_processes(name), 30, "the trainer processes")
+    assert len(trainers) == slurm.gpus_per_node  # one task per GPU
+    assert all("--resume" in p.cmdline() for p in trainers)
+    trainers[-1].kill()  # a rank dies (SIGKILL to its pid only): srun ends the step with an error
+
+    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED, timeout=500)
+    logs = nemo_logs()
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), (job, logs)
+    assert re.search(rf"resumed from {run_dir}/checkpoints/step_\d{{6}} at step [1-9]", logs), logs
+    assert _metric_steps(run_dir) == list(range(1, steps + 1))
+    assert latest.read_text().strip() == f"step_{steps:06d}"
+    assert json.loads((run_dir / "result.json").read_text())["run_dir"] == str(run_dir)
 
 
 # ---- the pieces, without a cluster
