@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nemo_run as run
+from nemo_run.config import get_nemorun_home, set_nemorun_home
 
 from launchers.curriculum import MODELS, REPO, STAGES, TINY_CONFIG, stage_config, stage_overrides
 
@@ -40,9 +41,23 @@ class LaunchError(ValueError):
     pass
 
 
-def default_job_dir() -> str:
-    """Where NeMo-Run keeps Slurm job files (and, by default, the runs): MEGATRON_RL_SLURM_JOB_DIR or runs/."""
-    return os.environ.get("MEGATRON_RL_SLURM_JOB_DIR") or str(REPO / "runs" / "nemo_run_jobs")
+def slurm_job_root(job_dir: str | None = None, ssh_host: str | None = None) -> str:
+    """Where the Slurm job files (and, by default, the runs) go: --job-dir, else MEGATRON_RL_SLURM_JOB_DIR.
+
+    Submitting from a login node (LocalTunnel), NeMo-Run writes the sbatch script and the code into its own
+    experiment directory, $NEMORUN_HOME/experiments, and submits that path: so that directory is the job root, and
+    a --job-dir makes NeMo-Run's home. Submitting over SSH, it is a directory on the cluster and must be given."""
+    job_dir = job_dir or os.environ.get("MEGATRON_RL_SLURM_JOB_DIR")
+    if ssh_host:
+        if not job_dir:
+            raise LaunchError(
+                "--ssh-host needs --job-dir (or MEGATRON_RL_SLURM_JOB_DIR): a directory on the cluster for the "
+                "job files, seen by its compute nodes"
+            )
+        return job_dir
+    if job_dir:
+        set_nemorun_home(str(Path(job_dir).resolve()))
+    return os.path.join(get_nemorun_home(), "experiments")
 
 
 @dataclass(frozen=True)
@@ -116,7 +131,7 @@ def local_executor(env: dict[str, str] | None = None) -> run.LocalExecutor:
 
 def slurm_executor(
     settings: ClusterSettings,
-    job_dir: str | None = None,
+    job_root: str,
     ssh_host: str | None = None,
     ssh_user: str | None = None,
     env: dict[str, str] | None = None,
@@ -124,7 +139,7 @@ def slurm_executor(
 ) -> run.SlurmExecutor:
     """A whole-node Slurm executor: `nodes` nodes, one task and one GPU per task on each of `gpus_per_node`.
 
-    `retries`: how many times NeMo-Run's batch script requeues the job when the trainer exits with an error (a
+    `job_root`: from `slurm_job_root` (the same ssh_host). `retries`: how many times NeMo-Run's batch script requeues the job when the trainer exits with an error (a
     crashed node, a preemption); the job's command carries --resume, so each retry continues from the last
     checkpoint."""
     if retries < 0:
@@ -133,11 +148,10 @@ def slurm_executor(
         raise LaunchError(
             f"no Slurm account: pass --account, set {ENV['account']} or cluster.account in the config"
         )
-    job_dir = job_dir or default_job_dir()
     if ssh_host:
-        tunnel = run.SSHTunnel(host=ssh_host, user=ssh_user or os.environ.get("USER", ""), job_dir=job_dir)
-    else:  # submitting from a machine that has sbatch (a login node)
-        tunnel = run.LocalTunnel(job_dir=job_dir)
+        tunnel = run.SSHTunnel(host=ssh_host, user=ssh_user or os.environ.get("USER", ""), job_dir=job_root)
+    else:  # submitting from a machine that has sbatch (a login node): NeMo-Run's own experiment directory
+        tunnel = run.LocalTunnel(job_dir=job_root)
     return run.SlurmExecutor(
         account=settings.account,
         partition=settings.partition,
@@ -217,7 +231,8 @@ def _parser(domain: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--job-dir",
         default=None,
-        help="Slurm: where NeMo-Run writes job files (env MEGATRON_RL_SLURM_JOB_DIR)",
+        help="Slurm: the job files' directory (env MEGATRON_RL_SLURM_JOB_DIR); from a login node, NeMo-Run's home "
+        "(default $NEMORUN_HOME, ~/.nemo_run), over SSH a directory on the cluster (required)",
     )
     p.add_argument("--ssh-host", default=None, help="Slurm: submit over SSH to this login node")
     p.add_argument("--ssh-user", default=None)
@@ -256,15 +271,15 @@ def main(domain: str, argv: list[str] | None = None) -> int:
         overrides = stage_overrides(domain, model, args.stage)
     overrides += list(args.overrides)
     slurm = args.executor == "slurm"
-    job_dir = args.job_dir or default_job_dir()
     try:
+        job_root = slurm_job_root(args.job_dir, args.ssh_host) if slurm else None
         cfg = load_config(config, overrides)
         settings = cluster_settings(cfg, {k: getattr(args, k) for k in ENV})
         overrides += cluster_overrides(cfg, settings)
         if args.output_dir:
             output_dir = args.output_dir
         elif slurm:  # the job runs from NeMo-Run's copy of the code: keep runs next to it, on the cluster
-            output_dir = str(Path(job_dir) / "runs")
+            output_dir = str(Path(job_root) / "runs" if args.ssh_host else Path(get_nemorun_home()) / "runs")
         else:
             output_dir = str(REPO / cfg.run.output_dir)  # an absolute output_dir stays as it is
         overrides.append(f"run.output_dir={output_dir}")
@@ -307,7 +322,7 @@ def main(domain: str, argv: list[str] | None = None) -> int:
                 if not raw.isdigit():
                     raise LaunchError(f"MEGATRON_RL_SLURM_RETRIES must be a whole number, got {raw!r}")
                 retries = int(raw)
-            executor = slurm_executor(settings, job_dir, args.ssh_host, args.ssh_user, retries=retries)
+            executor = slurm_executor(settings, job_root, args.ssh_host, args.ssh_user, retries=retries)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from launchers.common import (  # noqa: E402
     megatron_rl_script,
     sbatch_script,
     slurm_executor,
+    slurm_job_root,
 )
 from launchers.curriculum import stage_config, stage_overrides  # noqa: E402
 from megatron_rl.config import load_config  # noqa: E402
@@ -92,7 +93,7 @@ def test_slurm_executor_from_config_env_and_flags(tmp_path):
     assert settings.partition == "batch" and settings.time == "02:00:00"  # flags win over env and config
     assert cluster_overrides(cfg, settings) == []  # machine counts unchanged: nothing to tell the trainer
 
-    ex = slurm_executor(settings, job_dir=str(tmp_path / "jobs"))
+    ex = slurm_executor(settings, str(tmp_path / "jobs"))
     assert isinstance(ex, run.SlurmExecutor)
     assert (ex.nodes, ex.ntasks_per_node, ex.gpus_per_node) == (8, 8, 8)  # one task per GPU
     assert (ex.account, ex.partition, ex.time, ex.container_image) == ("rl-acct", "batch", "02:00:00", None)
@@ -102,14 +103,14 @@ def test_slurm_executor_from_config_env_and_flags(tmp_path):
     settings = cluster_settings(cfg, {"gpus_per_node": 4}, env=env)
     assert (settings.nodes, settings.gpus_per_node, settings.container_image) == (2, 4, "img:1")
     assert cluster_overrides(cfg, settings) == ["cluster.nodes=2", "cluster.gpus_per_node=4"]
-    ex = slurm_executor(settings, job_dir=str(tmp_path / "jobs"))
+    ex = slurm_executor(settings, str(tmp_path / "jobs"))
     assert (ex.nodes, ex.ntasks_per_node, ex.gpus_per_node, ex.container_image) == (2, 4, 4, "img:1")
 
 
 def test_slurm_executor_needs_an_account_and_integer_counts():
     cfg = load_config(stage_config("code", "7b"))
     with pytest.raises(LaunchError, match="no Slurm account"):
-        slurm_executor(cluster_settings(cfg, {}, env={}))
+        slurm_executor(cluster_settings(cfg, {}, env={}), "/jobs")
     with pytest.raises(LaunchError, match="nodes must be an integer"):
         cluster_settings(cfg, {}, env={"MEGATRON_RL_NODES": "four"})
 
@@ -117,7 +118,7 @@ def test_slurm_executor_needs_an_account_and_integer_counts():
 def test_nemo_run_renders_the_sbatch_script(tmp_path):
     cfg = load_config(stage_config("math", "7b"))
     settings = cluster_settings(cfg, {"account": "acct", "partition": "batch"}, env={})
-    ex = slurm_executor(settings, job_dir=str(tmp_path / "jobs"))
+    ex = slurm_executor(settings, str(tmp_path / "jobs"))
     ex.packager = run.Packager()  # skip NeMo-Run's git archive of the repo: only the script is looked at
     overrides = stage_overrides("math", "7b", "3")
     script = megatron_rl_script("train", Path("configs/math_stage_7b.yaml"), overrides, "python")
@@ -168,3 +169,28 @@ def test_separate_placement_is_left_to_the_sbatch_scripts(capsys):
     assert main("math", [*argv, "rollout.placement=separate", "rollout.engine_nodes=1"]) == 2
     err = capsys.readouterr().err
     assert "rollout.placement=separate" in err and "slurm/math_stage.sh" in err
+
+
+def test_slurm_job_files_go_where_nemo_run_submits_them_from(tmp_path, monkeypatch):
+    """From a login node NeMo-Run writes the sbatch script into its home's experiments/ and submits that path:
+    --job-dir moves its home. Over SSH the job directory is on the cluster and has no default."""
+    monkeypatch.delenv("MEGATRON_RL_SLURM_JOB_DIR", raising=False)
+    assert slurm_job_root() == os.path.join(get_nemorun_home(), "experiments")
+    assert slurm_job_root(str(tmp_path / "jobs")) == str(tmp_path / "jobs" / "experiments")
+    assert get_nemorun_home() == str(tmp_path / "jobs")
+    with pytest.raises(LaunchError, match="--ssh-host needs --job-dir"):
+        slurm_job_root(None, "login01")
+    monkeypatch.setenv("MEGATRON_RL_SLURM_JOB_DIR", "/lustre/me/jobs")
+    assert slurm_job_root(None, "login01") == "/lustre/me/jobs"
+
+
+def test_slurm_job_resumes_and_retries(tmp_path):
+    cfg = load_config(stage_config("math", "7b"))
+    settings = cluster_settings(cfg, {"account": "acct"}, env={})
+    assert slurm_executor(settings, str(tmp_path), retries=2).retries == 2
+    with pytest.raises(LaunchError, match="retries must be 0 or more"):
+        slurm_executor(settings, str(tmp_path), retries=-1)
+    script = megatron_rl_script(
+        "train", Path("configs/math_stage_7b.yaml"), ["run.steps=3"], "python", resume=True
+    )
+    assert script.args == ["train", "--config", "configs/math_stage_7b.yaml", "--resume", "run.steps=3"]
