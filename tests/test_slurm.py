@@ -455,7 +455,8 @@ def _trainer_processes(run_name: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if "megatron_rl.cli" in cmd and "train" in cmd and f"run.name={run_name}" in cmd:
+        is_python = bool(cmd) and os.path.basename(cmd[0]).startswith("python")  # not the srun that started it
+        if is_python and "megatron_rl.cli" in cmd and "train" in cmd and f"run.name={run_name}" in cmd:
             found.append(proc)
     return found
 
