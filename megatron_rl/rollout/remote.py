@@ -41,7 +41,7 @@ import torch
 from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
 from megatron_rl.rollout.transport import BroadcastTransport, RpcTransport, Transport, resolve_transport
 from megatron_rl.rollout.vllm_engine import VLLMEngine, _worker_message
-from megatron_rl.rollout.weight_sync import compare_checksums, tensor_checksum
+from megatron_rl.rollout.weight_sync import push_weights
 
 log = logging.getLogger(__name__)
 
@@ -359,36 +359,13 @@ class RemoteEngine:
     ) -> SyncReport:
         """As VLLMEngine.update_weights: manifest first, then each bucket checked by checksum, one reload."""
         kind = self.weight_transport if transport is None else _remote_transport(transport)
-        sender = self._transport(kind)
-        start = time.perf_counter()
-        buckets = buckets if isinstance(buckets, list) else list(buckets)
-        manifest = {name: list(t.shape) for bucket in buckets for name, t in bucket}
-        self._rpc("mrl_begin_sync", manifest)
-        received: dict[str, int] = {}
-        nbytes = 0
-        for slot, bucket in enumerate(buckets):
-            sent = {name: tensor_checksum(t) for name, t in bucket}
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            try:
-                answers = sender.send_bucket(slot, bucket)
-            except WeightSyncError:
-                raise
-            except Exception as e:  # a worker's error, wrapped by vLLM and by the connection
-                if self._conn is None:  # the connection is gone: not a refused push
-                    raise
-                raise WeightSyncError(f"{_worker_message(e)} (rollout engine at {self.address[0]})") from None
-            for worker_checksums in answers:
-                received.update(worker_checksums)
-                compare_checksums(sent, worker_checksums)
-        finished = self._rpc("mrl_finish_sync")
-        return SyncReport(
-            tensors=len(manifest),
-            bytes=nbytes,
-            seconds=time.perf_counter() - start,
-            checksums=received,
-            transport=kind,
-            reload_seconds=finished["reload_s"],
-        )
+        return push_weights(buckets, self._rpc, self._transport(kind).send_bucket, kind, self._push_error)
+
+    def _push_error(self, error: Exception) -> Exception:
+        """A worker refused the push (WeightSyncError naming the tensor), unless the connection itself is gone."""
+        if self._conn is None:
+            return error
+        return WeightSyncError(f"{_worker_message(error)} (rollout engine at {self.address[0]})")
 
     def _transport(self, name: str) -> Transport:
         if name not in self._transports:

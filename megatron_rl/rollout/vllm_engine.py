@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -22,7 +21,7 @@ from megatron_rl.rollout.transport import (
     Transport,
     resolve_transport,
 )
-from megatron_rl.rollout.weight_sync import compare_checksums, tensor_checksum
+from megatron_rl.rollout.weight_sync import push_weights
 
 log = logging.getLogger(__name__)
 
@@ -174,32 +173,9 @@ class VLLMEngine:
         name or shape is refused before any weight changes. `transport` overrides the engine's default."""
         kind = self.weight_transport if transport is None else self._resolve(transport, self.on_gpu)
         sender = self._transport(kind)
-        start = time.perf_counter()
-        buckets = list(buckets) if not isinstance(buckets, list) else buckets
-        manifest = {name: list(t.shape) for bucket in buckets for name, t in bucket}
-        self._rpc("mrl_begin_sync", manifest)
-        received: dict[str, int] = {}
-        nbytes = 0
-        for slot, bucket in enumerate(buckets):
-            sent = {name: tensor_checksum(t) for name, t in bucket}
-            nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            try:
-                answers = sender.send_bucket(slot, bucket)
-            except WeightSyncError:
-                raise
-            except Exception as e:  # vLLM re-raises worker errors wrapped; keep the worker's message
-                raise WeightSyncError(_worker_message(e)) from None
-            for worker_checksums in answers:
-                received.update(worker_checksums)
-                compare_checksums(sent, worker_checksums)
-        finished = self._rpc("mrl_finish_sync")
-        return SyncReport(
-            tensors=len(manifest),
-            bytes=nbytes,
-            seconds=time.perf_counter() - start,
-            checksums=received,
-            transport=kind,
-            reload_seconds=finished["reload_s"],
+        # vLLM re-raises a worker's error wrapped: keep the worker's message
+        return push_weights(
+            buckets, self._rpc, sender.send_bucket, kind, lambda e: WeightSyncError(_worker_message(e))
         )
 
     def _resolve(self, name: str, on_gpu: bool) -> str:

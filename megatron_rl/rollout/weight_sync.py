@@ -8,9 +8,12 @@ compares with its own.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
+
 import torch
 
-from megatron_rl.rollout.base import WeightSyncError
+from megatron_rl.rollout.base import SyncReport, WeightSyncError
 
 Manifest = dict[str, tuple[int, ...]]
 
@@ -87,3 +90,43 @@ def compare_checksums(sent: dict[str, int], received: dict[str, int]) -> None:
             raise WeightSyncError(
                 f"tensor '{name}' checksum mismatch: sent {value}, receiver loaded {received.get(name)}"
             )
+
+
+def push_weights(
+    buckets: Iterable[list[tuple[str, torch.Tensor]]],
+    rpc: Callable,
+    send_bucket: Callable[[int, list[tuple[str, torch.Tensor]]], list[dict[str, int]]],
+    transport: str,
+    worker_error: Callable[[Exception], Exception],
+) -> SyncReport:
+    """One verified push, the sender's side: the manifest first (a wrong name or shape is refused before any
+    weight changes), then each bucket through `send_bucket` (one checksum dict per engine worker, compared with
+    ours), then one reload. `rpc(method, *args)` calls the engine's worker extension; `worker_error` turns an
+    error a worker raised (wrapped by vLLM, or by the connection to a remote engine) into the one to raise."""
+    start = time.perf_counter()
+    buckets = buckets if isinstance(buckets, list) else list(buckets)
+    manifest = {name: list(t.shape) for bucket in buckets for name, t in bucket}
+    rpc("mrl_begin_sync", manifest)
+    received: dict[str, int] = {}
+    nbytes = 0
+    for slot, bucket in enumerate(buckets):
+        sent = {name: tensor_checksum(t) for name, t in bucket}
+        nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        try:
+            answers = send_bucket(slot, bucket)
+        except WeightSyncError:
+            raise
+        except Exception as e:
+            raise worker_error(e) from None
+        for worker_checksums in answers:
+            received.update(worker_checksums)
+            compare_checksums(sent, worker_checksums)
+    finished = rpc("mrl_finish_sync")
+    return SyncReport(
+        tensors=len(manifest),
+        bytes=nbytes,
+        seconds=time.perf_counter() - start,
+        checksums=received,
+        transport=transport,
+        reload_seconds=finished["reload_s"],
+    )
