@@ -293,23 +293,30 @@ def test_math_stage_runs_two_ranks_to_completion(slurm, tmp_path):
     assert len(results) == 1 and results[0]["run_dir"] == str(run_dir)  # one result line, from rank 0
 
 
+def _preempt_after_first_checkpoint(
+    slurm: Cluster, out_dir: Path, job_id: str, run_dir: Path
+) -> dict[str, str]:
+    """Once the run has a checkpoint, do what Slurm does at --signal=B:USR1@<seconds> before the time limit
+    (signal the batch script only); check the job requeued, and return it once it has finished."""
+    latest = run_dir / "checkpoints" / "latest"
+    _wait_for(
+        lambda: latest.is_file() or slurm.job(job_id)["JobState"] in FINISHED, 400, "a first checkpoint", 0.1
+    )
+    assert latest.is_file(), _log(out_dir, job_id)[-4000:]
+    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
+    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED or j.get("Restarts") != "0", timeout=120)
+    assert job.get("Restarts") == "1", (job, _log(out_dir, job_id)[-4000:])
+    return slurm.wait_job(
+        job_id, lambda j: j["JobState"] in FINISHED, timeout=400
+    )  # waits cred_expire, reruns
+
+
 def test_math_stage_requeues_on_usr1_and_resumes(slurm, tmp_path):
     steps = 8
     overrides = ["run.name=preempted", f"run.steps={steps}", "run.checkpoint_every=1", *QUICK]
     job_id = slurm.submit("slurm/math_stage.sh", tmp_path, overrides)
     run_dir = tmp_path / "preempted"
-    latest = run_dir / "checkpoints" / "latest"
-    _wait_for(
-        lambda: latest.is_file() or slurm.job(job_id)["JobState"] in FINISHED, 400, "a first checkpoint", 0.1
-    )
-    assert latest.is_file(), _log(tmp_path, job_id)[-4000:]
-    # What Slurm does at --signal=B:USR1@<seconds> before the time limit: signal the batch script only.
-    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED or j.get("Restarts") != "0", timeout=120)
-    assert job.get("Restarts") == "1", (job, _log(tmp_path, job_id)[-4000:])
-    job = slurm.wait_job(
-        job_id, lambda j: j["JobState"] in FINISHED, timeout=400
-    )  # waits cred_expire, reruns
+    job = _preempt_after_first_checkpoint(slurm, tmp_path, job_id, run_dir)
     log = _log(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-4000:]
 
@@ -339,14 +346,7 @@ def test_math_stage_runs_engines_on_a_separate_node_and_requeues(slurm, tmp_path
     )
     run_dir = tmp_path / "separate"
     latest = run_dir / "checkpoints" / "latest"
-    _wait_for(
-        lambda: latest.is_file() or slurm.job(job_id)["JobState"] in FINISHED, 400, "a first checkpoint", 0.1
-    )
-    assert latest.is_file(), _log(tmp_path, job_id)[-4000:]
-    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED or j.get("Restarts") != "0", timeout=120)
-    assert job.get("Restarts") == "1", (job, _log(tmp_path, job_id)[-4000:])
-    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED, timeout=400)
+    job = _preempt_after_first_checkpoint(slurm, tmp_path, job_id, run_dir)
     log = _log(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED", log[-4000:]
 
@@ -455,7 +455,9 @@ def _trainer_processes(run_name: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        is_python = bool(cmd) and os.path.basename(cmd[0]).startswith("python")  # not the srun that started it
+        is_python = bool(cmd) and os.path.basename(cmd[0]).startswith(
+            "python"
+        )  # not the srun that started it
         if is_python and "megatron_rl.cli" in cmd and "train" in cmd and f"run.name={run_name}" in cmd:
             found.append(proc)
     return found
