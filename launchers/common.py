@@ -60,6 +60,16 @@ def slurm_job_root(job_dir: str | None = None, ssh_host: str | None = None) -> s
     return os.path.join(get_nemorun_home(), "experiments")
 
 
+def slurm_retries(flag: int | None) -> int:
+    """--retries, else MEGATRON_RL_SLURM_RETRIES, else 0."""
+    if flag is not None:
+        return flag
+    raw = os.environ.get("MEGATRON_RL_SLURM_RETRIES") or "0"
+    if not raw.isdigit():
+        raise LaunchError(f"MEGATRON_RL_SLURM_RETRIES must be a whole number, got {raw!r}")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class ClusterSettings:
     nodes: int
@@ -139,9 +149,9 @@ def slurm_executor(
 ) -> run.SlurmExecutor:
     """A whole-node Slurm executor: `nodes` nodes, one task and one GPU per task on each of `gpus_per_node`.
 
-    `job_root`: from `slurm_job_root` (the same ssh_host). `retries`: how many times NeMo-Run's batch script requeues the job when the trainer exits with an error (a
-    crashed node, a preemption); the job's command carries --resume, so each retry continues from the last
-    checkpoint."""
+    `job_root`: from `slurm_job_root` (with the same ssh_host). `retries`: how many times NeMo-Run's batch script
+    requeues the job when the trainer exits with an error (a crashed node, a preemption); the job's command
+    carries --resume, so each retry continues from the last checkpoint."""
     if retries < 0:
         raise LaunchError(f"retries must be 0 or more, got {retries}")
     if not settings.account:
@@ -316,12 +326,7 @@ def main(domain: str, argv: list[str] | None = None) -> int:
         else:  # the job runs in NeMo-Run's git-archive copy of this repo: repo files by relative path
             config_arg = config.relative_to(REPO) if config.is_relative_to(REPO) else config
             script = megatron_rl_script(command, config_arg, overrides, args.python or "python", resume=True)
-            retries = args.retries
-            if retries is None:
-                raw = os.environ.get("MEGATRON_RL_SLURM_RETRIES") or "0"
-                if not raw.isdigit():
-                    raise LaunchError(f"MEGATRON_RL_SLURM_RETRIES must be a whole number, got {raw!r}")
-                retries = int(raw)
+            retries = slurm_retries(args.retries)
             executor = slurm_executor(settings, job_root, args.ssh_host, args.ssh_user, retries=retries)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -33,6 +33,7 @@ from launchers.common import (  # noqa: E402
     sbatch_script,
     slurm_executor,
     slurm_job_root,
+    slurm_retries,
 )
 from launchers.curriculum import stage_config, stage_overrides  # noqa: E402
 from megatron_rl.config import load_config  # noqa: E402
@@ -184,7 +185,12 @@ def test_slurm_job_files_go_where_nemo_run_submits_them_from(tmp_path, monkeypat
     assert slurm_job_root(None, "login01") == "/lustre/me/jobs"
 
 
-def test_slurm_job_resumes_and_retries(tmp_path):
+def test_slurm_job_resumes_and_retries(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATRON_RL_SLURM_RETRIES", "3")
+    assert (slurm_retries(None), slurm_retries(1)) == (3, 1)  # the flag wins over the environment
+    monkeypatch.setenv("MEGATRON_RL_SLURM_RETRIES", "two")
+    with pytest.raises(LaunchError, match="MEGATRON_RL_SLURM_RETRIES must be a whole number, got 'two'"):
+        slurm_retries(None)
     cfg = load_config(stage_config("math", "7b"))
     settings = cluster_settings(cfg, {"account": "acct"}, env={})
     assert slurm_executor(settings, str(tmp_path), retries=2).retries == 2

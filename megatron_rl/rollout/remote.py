@@ -39,7 +39,13 @@ from pathlib import Path
 import torch
 
 from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
-from megatron_rl.rollout.transport import BroadcastTransport, RpcTransport, Transport, resolve_transport
+from megatron_rl.rollout.transport import (
+    BroadcastTransport,
+    RpcTransport,
+    Transport,
+    close_all,
+    resolve_transport,
+)
 from megatron_rl.rollout.vllm_engine import VLLMEngine, _worker_message
 from megatron_rl.rollout.weight_sync import push_weights
 
@@ -399,14 +405,7 @@ class RemoteEngine:
 
     def release_weight_buffers(self) -> None:
         """Free every transport's buffers and groups on both sides (re-created by the next push)."""
-        errors = []
-        for transport in self._transports.values():
-            try:
-                transport.close()
-            except Exception as e:  # keep releasing the others
-                errors.append(e)
-        if errors:
-            raise WeightSyncError(f"releasing weight-push buffers failed: {errors[0]}")
+        close_all(self._transports.values())
 
     def weight_transport_state(self) -> dict:
         return {

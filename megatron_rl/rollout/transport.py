@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -255,6 +255,19 @@ class Transport:
 
     def close(self) -> None:
         """Release buffers and groups on both sides; the transport can be used again afterwards."""
+
+
+def close_all(transports: Iterable[Transport], describe: Callable[[Exception], str] = str) -> None:
+    """Close every transport, the others too when one fails; then raise the first failure as a WeightSyncError
+    (`describe` turns it into the message, e.g. unwrapping a vLLM worker's error)."""
+    errors = []
+    for transport in transports:
+        try:
+            transport.close()
+        except Exception as e:  # keep releasing the others
+            errors.append(e)
+    if errors:
+        raise WeightSyncError(f"releasing weight-push buffers failed: {describe(errors[0])}")
 
 
 class RpcTransport(Transport):

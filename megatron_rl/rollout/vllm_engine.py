@@ -19,6 +19,7 @@ from megatron_rl.rollout.transport import (
     RpcTransport,
     SharedTransport,
     Transport,
+    close_all,
     resolve_transport,
 )
 from megatron_rl.rollout.weight_sync import push_weights
@@ -211,14 +212,7 @@ class VLLMEngine:
 
     def release_weight_buffers(self) -> None:
         """Free every transport's buffers and groups on both sides (they are re-created by the next push)."""
-        errors = []
-        for transport in getattr(self, "_transports", {}).values():
-            try:
-                transport.close()
-            except Exception as e:  # keep releasing the others
-                errors.append(e)
-        if errors:
-            raise WeightSyncError(f"releasing weight-push buffers failed: {_worker_message(errors[0])}")
+        close_all(getattr(self, "_transports", {}).values(), _worker_message)
 
     def weight_transport_state(self) -> dict:
         """What the trainer side and each worker hold for weight pushes (buffers, groups, staged tensors)."""
