@@ -97,9 +97,10 @@ def _run_training(config: Path | None, overrides: list[str], resume: bool) -> No
         _fail(str(e))
     from megatron_rl.train.rl import train
 
+    # The project's own errors are messages for the user (one line); any other error keeps its traceback.
     try:
         result = train(cfg, resume=resume)
-    except (CheckpointError, ConfigError, DatasetError, ModelConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, DatasetError, ModelConfigError) as e:
         _fail(str(e))
     from megatron_rl.distributed import launcher_rank
 

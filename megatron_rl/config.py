@@ -15,7 +15,12 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_math
 
 
 class ConfigError(ValueError):
-    pass
+    """A config the run cannot use; the CLI prints it as one line (no traceback)."""
+
+
+class PlacementError(ConfigError):
+    """The config is valid on its own, but the ranks, devices or addresses this run got cannot hold its layout
+    or engine placement (world size, device kind, reachability)."""
 
 
 class Strict(BaseModel):

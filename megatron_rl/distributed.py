@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_rl.config import PlacementError
+
 _CPU_SHIM_APPLIED = False
 
 
@@ -126,7 +128,7 @@ def init_distributed(layout: ParallelLayout, rank: int | None = None, world_size
         dist.init_process_group("nccl" if use_cuda() else "gloo", rank=rank, world_size=world_size)
     world = dist.get_world_size()
     if world % layout.model_parallel_size:
-        raise ValueError(
+        raise PlacementError(
             f"world size {world} is not a multiple of tensor_parallel_size * pipeline_parallel_size "
             f"= {layout.tp} * {layout.pp}"
         )

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_rl.config import ConfigError, PlacementError
 from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
 from megatron_rl.rollout.transport import (
     BroadcastTransport,
@@ -50,6 +51,10 @@ from megatron_rl.rollout.vllm_engine import VLLMEngine, _worker_message
 from megatron_rl.rollout.weight_sync import push_weights
 
 log = logging.getLogger(__name__)
+
+# Errors an engine server reports by type and the client raises again as the same type (most specific first),
+# so a config the remote engine refuses is still a one-line ConfigError at the trainer's CLI.
+_RERAISED = (WeightSyncError, PlacementError, ConfigError, ValueError)
 
 KEY_ENV = "MEGATRON_RL_ENGINE_KEY"
 REMOTE_TRANSPORTS = ("broadcast", "rpc")
@@ -162,11 +167,8 @@ def serve(rendezvous_dir: str | os.PathLike, host: str | None = None, index: int
                     value = _dispatch(engine, verb, args, kwargs)
                 reply = ("ok", value)
             except Exception as e:
-                ours = next((c.__name__ for c in (WeightSyncError, ValueError) if isinstance(e, c)), None)
-                kind = ours or type(e).__name__
-                message = str(e) if kind == type(e).__name__ else f"{type(e).__name__}: {e}"
-                log.warning("request %r failed: %s", verb, message.splitlines()[-1] if message else "")
-                reply = ("error", kind, message)
+                reply = error_reply(e)
+                log.warning("request %r failed: %s", verb, reply[2].splitlines()[-1] if reply[2] else "")
             try:
                 conn.send(reply)
             except OSError as e:
@@ -181,6 +183,15 @@ def serve(rendezvous_dir: str | os.PathLike, host: str | None = None, index: int
             if closable is not None:
                 closable.close()
         _remove_if_ours(path)
+
+
+def error_reply(error: Exception) -> tuple[str, str, str]:
+    """("error", kind, message) for a failed request: kind is the first of _RERAISED the error is an instance
+    of (the client raises that type again), else its own type's name (the client raises RemoteEngineError)."""
+    ours = next((c.__name__ for c in _RERAISED if isinstance(error, c)), None)
+    kind = ours or type(error).__name__
+    message = str(error) if kind == type(error).__name__ else f"{type(error).__name__}: {error}"
+    return ("error", kind, message)
 
 
 def _trainer_gone(index: int, error: BaseException, engine) -> int:
@@ -324,10 +335,9 @@ class RemoteEngine:
         if reply[0] == "ok":
             return reply[1]
         _, kind, message = reply
-        if kind == "WeightSyncError":
-            raise WeightSyncError(message)
-        if kind == "ValueError":
-            raise ValueError(message)
+        reraised = {error.__name__: error for error in _RERAISED}
+        if kind in reraised:
+            raise reraised[kind](message)
         raise RemoteEngineError(f"rollout engine at {where} failed {verb!r}: {kind}: {message}")
 
     def _call(self, method: str, *args) -> list:
@@ -380,7 +390,7 @@ class RemoteEngine:
             else:
                 self._check_broadcast_host()
                 if self.on_gpu != torch.cuda.is_available():
-                    raise ValueError(
+                    raise PlacementError(
                         "config key 'rollout.weight_transport': 'broadcast' needs the trainer and the engine on "
                         f"the same kind of device (trainer {'GPU' if torch.cuda.is_available() else 'CPU'}, "
                         f"engine {'GPU' if self.on_gpu else 'CPU'}); use 'rpc'"
@@ -397,7 +407,7 @@ class RemoteEngine:
         if _is_loopback(self.broadcast_host) and not (
             _is_loopback(self.address[0]) or self.address[0] in local
         ):
-            raise ValueError(
+            raise PlacementError(
                 f"config key 'rollout.broadcast_host': {self.broadcast_host!r} is this machine's loopback "
                 f"address, which the engine at {self.address[0]} cannot reach; give an address of the trainer's "
                 "node that the engine nodes reach (its hostname or interface IP), or use weight_transport='rpc'"
@@ -453,7 +463,7 @@ def _is_loopback(host: str) -> bool:
 
 def _remote_transport(name: str) -> str:
     if name in ("shm", "ipc", "local"):
-        raise ValueError(
+        raise ConfigError(
             f"config key 'rollout.weight_transport': {name!r} shares the trainer's memory with the engine, but a "
             "remote engine (rollout.placement='separate') runs on another host; use 'broadcast' (or 'auto') "
             "or 'rpc'"

@@ -38,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 
+from megatron_rl.config import ConfigError, PlacementError
 from megatron_rl.rollout.base import WeightSyncError
 
 TRANSPORTS = ("auto", "shm", "ipc", "broadcast", "rpc", "local")
@@ -53,13 +54,15 @@ Call = Callable[..., list]  # call(method, *args) -> one result per vLLM worker
 
 
 def resolve_transport(name: str, on_gpu: bool) -> str:
-    """The concrete transport for a requested name; a ValueError names the valid choices."""
+    """The concrete transport for a requested name; a ConfigError names the valid choices."""
     if name not in TRANSPORTS:
-        raise ValueError(f"weight_transport must be one of {', '.join(TRANSPORTS)}, not {name!r}")
+        raise ConfigError(f"weight_transport must be one of {', '.join(TRANSPORTS)}, not {name!r}")
     if name == "auto":
         return "ipc" if on_gpu else "shm"
     if name == "ipc" and not on_gpu:
-        raise ValueError("weight_transport='ipc' shares CUDA memory and needs a GPU; on the CPU use 'shm'")
+        raise PlacementError(
+            "weight_transport='ipc' shares CUDA memory and needs a GPU; on the CPU use 'shm'"
+        )
     return name
 
 

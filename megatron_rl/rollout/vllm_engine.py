@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from megatron_rl.config import ConfigError, PlacementError
 from megatron_rl.rollout.base import RolloutSample, SyncReport, WeightSyncError
 from megatron_rl.rollout.transport import (
     BroadcastTransport,
@@ -102,7 +103,7 @@ class VLLMEngine:
             raise ValueError("external_launcher: torch.distributed must be initialised before the engine")
         world, rank = dist.get_world_size(), dist.get_rank()
         if world % tp:
-            raise ValueError(
+            raise PlacementError(
                 f"config key 'rollout.tensor_parallel_size': {tp} does not divide the world size {world}"
             )
         # vLLM reads its data-parallel rank from RANK (and its worker's local rank from LOCAL_RANK); a process
@@ -184,9 +185,9 @@ class VLLMEngine:
         if name == "auto" and self.external_launcher:
             return "local"
         if name == "local" and not self.external_launcher:
-            raise ValueError("weight_transport='local' needs the worker in this process (external launcher)")
+            raise ConfigError("weight_transport='local' needs the worker in this process (external launcher)")
         if self.external_launcher and name in ("ipc", "broadcast"):
-            raise ValueError(
+            raise ConfigError(
                 f"weight_transport={name!r} is not supported with engines on every rank (the worker is in "
                 "the trainer's process); use 'local' (or 'auto'), 'shm' or 'rpc'"
             )

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from megatron_rl.config import Config
+from megatron_rl.config import Config, ConfigError
 from megatron_rl.data.arithmetic import ArithmeticTask
 from megatron_rl.data.dataset import Problem, load_prompt_dataset
 from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
@@ -106,7 +106,7 @@ def load_data(cfg: Config):
     kind = cfg.data.reward
     train = load_prompt_dataset(cfg.data.train_path, kind) if cfg.data.train_path else None
     if train is None:
-        raise ValueError("config key 'data.train_path' is required when data.source is 'file'")
+        raise ConfigError("config key 'data.train_path' is required when data.source is 'file'")
     log.info("dataset %s: %d rows, %d bad rows skipped", train.path, len(train), len(train.skipped))
     evalset = (
         load_prompt_dataset(cfg.data.eval_path, kind).problems if cfg.data.eval_path else train.problems[:200]
@@ -166,7 +166,7 @@ def separate_engine_count(cfg: Config) -> int:
         return cfg.rollout.num_engines
     gpus = cfg.rollout.engine_nodes * cfg.cluster.gpus_per_node
     if gpus < cfg.rollout.tensor_parallel_size:
-        raise ValueError(
+        raise ConfigError(
             "config key 'rollout.num_engines': placement is 'separate' and rollout.engine_nodes * "
             f"cluster.gpus_per_node = {gpus} GPU(s) cannot hold one engine of rollout.tensor_parallel_size "
             f"{cfg.rollout.tensor_parallel_size}; set rollout.engine_nodes or rollout.num_engines"
@@ -182,10 +182,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
     init_distributed(ParallelLayout(cfg.model.tensor_parallel_size, cfg.model.pipeline_parallel_size))
     preemption.install()  # SIGUSR1/SIGTERM: checkpoint and stop after the current RL step
     if cfg.model.pipeline_parallel_size > 1:
-        raise ValueError("config key 'model.pipeline_parallel_size': the RL trainer runs PP=1 for now")
+        raise ConfigError("config key 'model.pipeline_parallel_size': the RL trainer runs PP=1 for now")
     separate = cfg.rollout.placement == "separate"
     if separate and cfg.rollout.engine_ranks == "all":
-        raise ValueError(
+        raise ConfigError(
             "config key 'rollout.engine_ranks': 'all' puts engines on the trainer's ranks, which "
             "rollout.placement='separate' does not; use engine_ranks='driver' (the default) with it"
         )
@@ -343,7 +343,7 @@ def _warm_start(
             "SFT data %s: %d pairs, %d bad rows skipped", cfg.sft.train_path, len(examples), len(skipped)
         )
     elif task is None:
-        raise ValueError("config key 'sft.train_path' is required for SFT when data.source is 'file'")
+        raise ConfigError("config key 'sft.train_path' is required for SFT when data.source is 'file'")
     eos = broadcast([tokenizer.eos_token_id] if is_driver() else [])
     tok = broadcast(tokenizer)
     bs = cfg.sft.batch_size

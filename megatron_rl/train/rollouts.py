@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rl.algo.grpo import group_advantages, informative_groups, loss_mask
+from megatron_rl.config import ConfigError
 from megatron_rl.data.prompts import render_prompt
 from megatron_rl.rollout.fanout import slices
 
@@ -48,7 +49,7 @@ def fitting_prompts(problems: list, tokenizer, cfg, what: str) -> list:
             cfg.rollout.max_prompt_tokens,
         )
     if not kept:
-        raise ValueError(f"{what}: no prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
+        raise ConfigError(f"{what}: no prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
     return kept
 
 
@@ -65,7 +66,7 @@ def next_problems(dataset, data_position: int, count: int, tokenizer, cfg) -> tu
             continue
         skipped += 1
         if isinstance(dataset, Sized) and skipped >= len(dataset):  # a whole epoch and none fits
-            raise ValueError(
+            raise ConfigError(
                 f"no training prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}"
             )
     return problems, data_position, skipped
