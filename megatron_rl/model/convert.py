@@ -17,13 +17,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from safetensors import safe_open
 
-from megatron_rl.model.hf_config import ModelConfigError, Qwen2Config, check_hf_tensors, expected_hf_shapes
+from megatron_rl.model.hf_config import ModelConfigError, Qwen2Config, expected_hf_shapes
 
 NamedTensors = list[tuple[str, torch.Tensor]]
 
 
 class SafetensorsCheckpoint:
-    """Lazy access to an HF checkpoint directory: model.safetensors or a sharded index."""
+    """Lazy access to an HF checkpoint directory: model.safetensors or a sharded index.
+
+    `bytes_read` counts the bytes of every tensor and slice `get` has returned.
+    """
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
@@ -38,6 +41,7 @@ class SafetensorsCheckpoint:
         else:
             raise ModelConfigError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
         self._open: dict[Path, object] = {}
+        self.bytes_read = 0
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         out = {}
@@ -45,10 +49,21 @@ class SafetensorsCheckpoint:
             out[name] = tuple(self._handle(path).get_slice(name).get_shape())
         return out
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: slice | None = None, columns: slice | None = None) -> torch.Tensor:
+        """Tensor `name`, or only its `rows` (dim 0) and/or `columns` (dim 1), read with safetensors' get_slice.
+
+        Rows are contiguous in the file; a column range is strided, so the OS still pages in most of the tensor
+        (but only the range is copied out of it)."""
         if name not in self.file_of:
             raise ModelConfigError(f"{self.dir}: missing tensor '{name}'")
-        return self._handle(self.file_of[name]).get_tensor(name)
+        handle = self._handle(self.file_of[name])
+        if rows is None and columns is None:
+            tensor = handle.get_tensor(name)
+        else:
+            index = (rows or slice(None),) + (() if columns is None else (columns,))
+            tensor = handle.get_slice(name)[index]
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
     def _handle(self, path: Path):
         if path not in self._open:
@@ -122,6 +137,7 @@ def _split_qkv(full: torch.Tensor, cfg: Qwen2Config) -> tuple[torch.Tensor, torc
 def shard_for_rank(
     rule: Rule, hf: list[torch.Tensor], cfg: Qwen2Config, tp_rank: int, tp: int
 ) -> torch.Tensor:
+    """This TP rank's shard of `rule.megatron`, cut from the whole HF tensors of the rule."""
     if rule.split == "replicated":
         return hf[0]
     if rule.split == "column":
@@ -133,6 +149,67 @@ def shard_for_rank(
     if rule.split == "gate_up":
         return torch.cat([hf[0].chunk(tp, dim=0)[tp_rank], hf[1].chunk(tp, dim=0)[tp_rank]], dim=0)
     raise AssertionError(rule.split)
+
+
+# Part of one HF tensor: its name, then its rows and columns (None: all of them).
+Read = tuple[str, slice | None, slice | None]
+
+
+def _chunk(size: int, tp: int, tp_rank: int) -> slice:
+    """The [lo, hi) that `tensor.chunk(tp)[tp_rank]` takes along a dimension of `size`."""
+    step = -(-size // tp)
+    return slice(min(tp_rank * step, size), min((tp_rank + 1) * step, size))
+
+
+def _qkv_reads(names: tuple[str, ...], cfg: Qwen2Config, rows: slice) -> list[Read]:
+    """The parts of q, k and v (`names`, weights or biases) that make `rows` of the interleaved qkv.
+
+    Each query group's block is its q heads, then its k head, then its v head (_interleave_qkv). With
+    num_key_value_heads a multiple of tp a rank's rows are whole groups; with tp a multiple of it (Megatron
+    then splits a group over ranks) they may start and end inside a group's q, k or v.
+    """
+    d = cfg.head_dim
+    q_rows = cfg.num_attention_heads // cfg.num_key_value_heads * d
+    # (tensor, offset of its part in a group's block, rows of it per group)
+    parts = ((names[0], 0, q_rows), (names[1], q_rows, d), (names[2], q_rows + d, d))
+    reads: list[Read] = []
+    for group in range(cfg.num_key_value_heads):
+        for name, offset, count in parts:
+            start = group * (q_rows + 2 * d) + offset  # the part's first row in the interleaved layout
+            lo, hi = max(rows.start, start), min(rows.stop, start + count)
+            if lo < hi:
+                source = group * count - start  # interleaved row + source = row of the HF tensor
+                reads.append((name, slice(lo + source, hi + source), None))
+    return reads
+
+
+def rank_reads(
+    rule: Rule, shapes: dict[str, tuple[int, ...]], cfg: Qwen2Config, tp_rank: int, tp: int
+) -> tuple[list[Read], int]:
+    """What this TP rank's shard of `rule.megatron` is made of: parts of HF tensors (of `shapes`), in order,
+    and the dimension they are joined along. Joined, they equal shard_for_rank on the whole tensors."""
+    first = rule.hf[0]
+    if rule.split == "replicated":
+        return [(first, None, None)], 0
+    if rule.split == "column":
+        return [(first, _chunk(shapes[first][0], tp, tp_rank), None)], 0
+    if rule.split == "row":
+        return [(first, None, _chunk(shapes[first][1], tp, tp_rank))], 1
+    if rule.split == "qkv":
+        interleaved = sum(shapes[name][0] for name in rule.hf)
+        return _qkv_reads(rule.hf, cfg, _chunk(interleaved, tp, tp_rank)), 0
+    if rule.split == "gate_up":
+        return [(name, _chunk(shapes[name][0], tp, tp_rank), None) for name in rule.hf], 0
+    raise AssertionError(rule.split)
+
+
+def read_shard(
+    ckpt: SafetensorsCheckpoint, rule: Rule, shapes: dict, cfg: Qwen2Config, tp_rank: int, tp: int
+) -> torch.Tensor:
+    """This TP rank's shard of `rule.megatron`, reading only its parts of the HF tensors."""
+    reads, dim = rank_reads(rule, shapes, cfg, tp_rank, tp)
+    parts = [ckpt.get(name, rows, columns) for name, rows, columns in reads]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def merge_shards(rule: Rule, shards: list[torch.Tensor], cfg: Qwen2Config) -> list[torch.Tensor]:
@@ -172,9 +249,14 @@ def _rules_for(model: torch.nn.Module, cfg: Qwen2Config) -> list[Rule]:
 
 
 def load_hf_into_megatron(
-    model: torch.nn.Module, cfg: Qwen2Config, get: Callable[[str], torch.Tensor]
+    model: torch.nn.Module,
+    cfg: Qwen2Config,
+    ckpt: SafetensorsCheckpoint,
+    transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Copy HF tensors (fetched by name with `get`) into this rank's shard of `model`."""
+    """Copy this rank's shard of every parameter of `model` from `ckpt`, reading only the rows or columns the
+    rank holds (rank_reads). With `transform(name, tensor)` each HF tensor is read whole, altered, then cut
+    (shard_for_rank): tests and verify-sync perturb weights that way."""
     params = dict(unwrap(model).named_parameters())
     rules = _rules_for(model, cfg)
     covered = {r.megatron for r in rules}
@@ -183,10 +265,14 @@ def load_hf_into_megatron(
         raise ModelConfigError(f"Megatron parameter '{uncovered[0]}' has no HF source; the spec is not Qwen2")
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    shapes = expected_hf_shapes(cfg)
     with torch.no_grad():
         for rule in rules:
             target = params[rule.megatron]
-            shard = shard_for_rank(rule, [get(n) for n in rule.hf], cfg, tp_rank, tp)
+            if transform is None:
+                shard = read_shard(ckpt, rule, shapes, cfg, tp_rank, tp)
+            else:
+                shard = shard_for_rank(rule, [transform(n, ckpt.get(n)) for n in rule.hf], cfg, tp_rank, tp)
             if tuple(shard.shape) != tuple(target.shape):
                 raise ModelConfigError(
                     f"tensor {list(rule.hf)} gives shard shape {list(shard.shape)} for Megatron parameter "
@@ -199,12 +285,6 @@ def load_hf_into_megatron(
                 target.tensor_model_parallel = True
                 target.partition_dim = 1 if rule.split == "row" else 0
                 target.partition_stride = 1
-
-
-def load_hf_checkpoint(model: torch.nn.Module, cfg: Qwen2Config, model_dir: str | Path) -> None:
-    ckpt = SafetensorsCheckpoint(model_dir)
-    check_hf_tensors(ckpt.shapes(), cfg, str(model_dir))
-    load_hf_into_megatron(model, cfg, ckpt.get)
 
 
 def export_hf_groups(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[NamedTensors]:

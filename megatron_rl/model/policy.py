@@ -13,11 +13,10 @@ from megatron_rl.model.build import build_gpt_model
 from megatron_rl.model.convert import (
     NamedTensors,
     SafetensorsCheckpoint,
-    check_hf_tensors,
     export_hf_buckets,
     load_hf_into_megatron,
 )
-from megatron_rl.model.hf_config import Qwen2Config, load_hf_config
+from megatron_rl.model.hf_config import Qwen2Config, check_hf_tensors, load_hf_config
 
 
 @dataclass
@@ -34,9 +33,11 @@ class Policy:
         transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         recompute: bool = False,
     ) -> Policy:
-        """Build this rank's shard (parallel state must be initialised) and fill it from the checkpoint.
+        """Build this rank's shard (parallel state must be initialised) and fill it from the checkpoint, reading
+        only the rows or columns of each tensor that the shard holds.
 
-        `transform(name, tensor)` may alter each HF tensor on the way in (tests use it to perturb weights).
+        `transform(name, tensor)` may alter each HF tensor on the way in (tests and verify-sync perturb weights
+        with it); each tensor is then read whole.
         """
         model_dir = Path(model_dir)
         cfg = load_hf_config(model_dir)
@@ -47,8 +48,7 @@ class Policy:
         ckpt = SafetensorsCheckpoint(model_dir)
         check_hf_tensors(ckpt.shapes(), cfg, str(model_dir))
         model = build_gpt_model(cfg, params_dtype=params_dtype, recompute=recompute)
-        get = ckpt.get if transform is None else (lambda name: transform(name, ckpt.get(name)))
-        load_hf_into_megatron(model, cfg, get)
+        load_hf_into_megatron(model, cfg, ckpt, transform)
         return cls(model=model, cfg=cfg, model_dir=model_dir)
 
     def hf_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[NamedTensors]:
