@@ -46,7 +46,6 @@ class DataCfg(Strict):
     prompt_template: Literal["raw", "chat"] = "raw"
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     synthetic_digits: int = Field(3, ge=1, le=6)
-    synthetic_ops: str = "+"
     synthetic_eval_size: int = 200
     seed: int = 0
 
