@@ -1,10 +1,10 @@
-"""The AceReason stage curriculum as config overrides (plain data: no NeMo-Run import here).
+"""The AceReason stage curriculum as config overrides (no NeMo-Run import here: usable without it).
 
 Each stage config (configs/{math,code}_stage_{7b,14b}.yaml) is the first stage of its domain; a later stage is
 the same file plus the overrides below. The layout (TP, recompute, micro-batch budget, vLLM memory share) is the
 same for every stage, sized for the longest one; only the response length, samples per prompt, temperature,
-overlong filtering and the number of sequences one vLLM engine runs at once change. tests/test_plan.py checks
-that every stage fits with `megatron-rl plan`.
+overlong filtering and the number of sequences one vLLM engine runs at once change; the last is derived from
+`megatron-rl plan` for each stage. tests/test_plan.py checks that every stage fits.
 
 Sources, as in the config files: [A] arXiv 2505.16400, [B] arXiv 2506.13284, [C] the AceMath-RL blog.
 - math: 8K -> 16K -> 24K -> 32K responses [A][C]; stages 3 and 4 train on the hard prompts only (about 2K
@@ -18,6 +18,9 @@ Sources, as in the config files: [A] arXiv 2505.16400, [B] arXiv 2506.13284, [C]
 from __future__ import annotations
 
 from pathlib import Path
+
+from megatron_rl.config import load_config
+from megatron_rl.plan import fitting_max_num_seqs
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
@@ -38,15 +41,6 @@ STAGES: dict[str, dict[str, list[str]]] = {
     },
 }
 
-# (domain, model) -> stage -> sequences one vLLM engine runs at once: the most that fit at full length in the
-# KV cache `plan` computes (None: the engine's whole share of the batch fits).
-MAX_NUM_SEQS: dict[tuple[str, str], dict[str, int | None]] = {
-    ("math", "7b"): {"1": None, "2": 80, "3": 52, "4": 40},
-    ("math", "14b"): {"1": None, "2": 48, "3": 32, "4": 24},
-    ("code", "7b"): {"1": 52, "2": 40, "2-final": 40},
-    ("code", "14b"): {"1": 32, "2": 24, "2-final": 24},
-}
-
 MODELS = ("7b", "14b")
 
 
@@ -59,13 +53,12 @@ def stage_config(domain: str, model: str) -> Path:
 
 
 def stage_overrides(domain: str, model: str, stage: str) -> list[str]:
-    """Overrides that turn `stage_config(domain, model)` (stage 1) into `stage`."""
-    stage_config(domain, model)
+    """Overrides that turn `stage_config(domain, model)` (stage 1) into `stage`, ending with the number of
+    sequences one vLLM engine runs at once: what `plan` finds fits at full length in the KV cache for that
+    stage (plan.fitting_max_num_seqs; null: the engine's whole share of the batch fits)."""
+    path = stage_config(domain, model)
     if stage not in STAGES[domain]:
         raise ValueError(f"{domain} stage '{stage}': one of {', '.join(STAGES[domain])}")
-    seqs = MAX_NUM_SEQS[(domain, model)][stage]
-    return [
-        f"run.name={domain}_stage{stage}_{model}",
-        *STAGES[domain][stage],
-        f"rollout.max_num_seqs={'null' if seqs is None else seqs}",
-    ]
+    overrides = [f"run.name={domain}_stage{stage}_{model}", *STAGES[domain][stage]]
+    seqs = fitting_max_num_seqs(load_config(path, overrides))
+    return [*overrides, f"rollout.max_num_seqs={'null' if seqs is None else seqs}"]

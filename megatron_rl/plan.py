@@ -405,6 +405,36 @@ def place(cfg: Config, shape: Qwen2Config, placement: str, engine_nodes: int) ->
     return Placement(placement, train, rollout, peak, not reasons, reasons)
 
 
+def fitting_max_num_seqs(cfg: Config) -> int | None:
+    """The rollout.max_num_seqs that `cfg` needs (its own value is ignored): None when each engine's whole share
+    of a step's sequences fits in its KV cache at full length, else the most sequences that do, i.e. the
+    largest value for which vLLM's needs stay within its budget. PlanError when not even one fits."""
+    shape, _ = resolve_shape(cfg)
+
+    def rollout(seqs: int | None) -> RolloutMemory:
+        trial = cfg.model_copy(deep=True)
+        trial.rollout.max_num_seqs = seqs
+        return place(trial, shape, cfg.rollout.placement, cfg.rollout.engine_nodes).rollout
+
+    every = rollout(None)
+    if every.needed_gib <= every.budget_gib:
+        return None
+    # What fits beside the whole share running is a lower bound: fewer running sequences need fewer sampling
+    # logits, which can leave room for one or two more.
+    seqs = every.max_concurrent_sequences
+    while seqs + 1 < every.concurrent_sequences:
+        more = rollout(seqs + 1)
+        if more.needed_gib > more.budget_gib:
+            break
+        seqs += 1
+    if seqs < 1:
+        raise PlanError(
+            f"rollout: not one sequence of {every.sequence_tokens} tokens fits in vLLM's budget of "
+            f"{every.budget_gib:.1f} GiB; raise rollout.gpu_memory_utilization or rollout.tensor_parallel_size"
+        )
+    return seqs
+
+
 def make_plan(cfg: Config, config_name: str = "") -> Plan:
     shape, source = resolve_shape(cfg)
     c = cfg.cluster

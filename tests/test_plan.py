@@ -175,6 +175,28 @@ def test_every_curriculum_stage_fits(domain, model, stage):
     assert plan.configured.peak_gib <= cfg.cluster.gpu_memory_gib
 
 
+def test_each_stage_runs_the_sequences_plan_says_its_kv_cache_holds():
+    """stage_overrides derives rollout.max_num_seqs from the plan: as many as `plan` says fit at full length and
+    not one more (or null when the whole share fits); a stage config's own value is its stage 1's."""
+
+    def rollout(domain, model, overrides):
+        return make_plan(load_config(stage_config(domain, model), overrides)).configured.rollout
+
+    for domain, model, stage in [(d, m, s) for d in STAGES for m in ("7b", "14b") for s in STAGES[d]]:
+        overrides = stage_overrides(domain, model, stage)
+        seqs = load_config(stage_config(domain, model), overrides).rollout.max_num_seqs
+        if seqs is None:
+            whole = rollout(domain, model, overrides)
+            assert whole.concurrent_sequences <= whole.max_concurrent_sequences, (domain, model, stage)
+        else:
+            configured = rollout(domain, model, overrides)
+            one_more = rollout(domain, model, [*overrides, f"rollout.max_num_seqs={seqs + 1}"])
+            assert configured.concurrent_sequences == seqs <= configured.max_concurrent_sequences
+            assert one_more.max_concurrent_sequences < seqs + 1, (domain, model, stage)
+        if stage == "1":
+            assert load_config(stage_config(domain, model)).rollout.max_num_seqs == seqs, (domain, model)
+
+
 def test_cli_json_for_the_14b_config():
     result = CliRunner().invoke(app, ["plan", str(stage_config("math", "14b")), "--json"])
     assert result.exit_code == 0, result.output
