@@ -10,15 +10,33 @@ megatron-core 0.16.1's distributed optimizer allocates buffers with device="cuda
 types, so it cannot run on the CPU where the tests run (docs/architecture.md); this one is the same code on
 CPU (gloo) and GPU (NCCL). Checkpoints hold each rank's own share (`state_dict` is local), so a resume with
 the same layout continues exactly; under another layout the optimizer starts afresh from the loaded weights.
+
+The learning rate is a function of the RL step alone (`lr_at`), set on the param groups by the update at the
+start of each step, so no scheduler state is saved and a resumed run uses the lr the uninterrupted one did.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_rl.config import OptimCfg
+from megatron_rl.config import Config, OptimCfg
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """The lr of every optimizer step of RL step `step` (1-based): optim.lr times a linear warmup over the
+    first optim.warmup_steps steps, then either constant or cosine from 1 towards optim.min_lr_ratio, with
+    progress (step - 1) / run.steps (so the cosine starts part-way down when there is a warmup)."""
+    o, index = cfg.optim, step - 1
+    if index < o.warmup_steps:
+        return o.lr * (index + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        progress = min(1.0, index / max(1, cfg.run.steps))
+        return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return o.lr
 
 
 def balanced_owners(sizes: list[int], ranks: int) -> list[int]:
@@ -33,7 +51,8 @@ def balanced_owners(sizes: list[int], ranks: int) -> list[int]:
 
 
 class PolicyOptimizer(torch.optim.Optimizer):
-    """AdamW over the fp32 masters of the parameters this rank owns; LR schedulers see its param_groups."""
+    """AdamW over the fp32 masters of the parameters this rank owns; its param_groups (where the update sets
+    the lr) and state are the inner AdamW's."""
 
     def __init__(self, params: list[torch.nn.Parameter], cfg: OptimCfg, shard: bool):
         self.model_params = list(params)
@@ -54,13 +73,22 @@ class PolicyOptimizer(torch.optim.Optimizer):
             betas=cfg.betas,
             weight_decay=cfg.weight_decay,
         )
-        # Not Optimizer.__init__: the inner AdamW owns groups and state; sharing them lets schedulers work.
-        self.defaults, self.param_groups, self.state = (
-            self.inner.defaults,
-            self.inner.param_groups,
-            self.inner.state,
-        )
+        # Not Optimizer.__init__: the inner AdamW owns groups and state (read through the properties below).
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+
+    # Properties, not copies: AdamW.load_state_dict replaces its param_groups and state with new objects, and a
+    # copy taken here would then be stale (an lr set on it after a resume would never reach AdamW).
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.inner.param_groups
+
+    @property
+    def state(self) -> dict:
+        return self.inner.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.inner.defaults
 
     @torch.no_grad()
     def step(self, closure=None) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
 from pathlib import Path
@@ -56,20 +55,6 @@ def sync_weights(policy: Policy, engine) -> dict[str, float]:
     buckets = list(policy.hf_buckets())  # a collective: every rank takes part in the gather
     report = engine.update_weights(buckets) if engine is not None else None
     return {"time_sync_s": time.perf_counter() - start, "sync_mb": (report.bytes / 1e6) if report else 0.0}
-
-
-def lr_schedule(cfg: Config):
-    def factor(step: int) -> float:
-        if step < cfg.optim.warmup_steps:
-            return (step + 1) / cfg.optim.warmup_steps
-        if cfg.optim.schedule == "cosine":
-            progress = min(1.0, step / max(1, cfg.run.steps))
-            return cfg.optim.min_lr_ratio + (1 - cfg.optim.min_lr_ratio) * 0.5 * (
-                1 + math.cos(math.pi * progress)
-            )
-        return 1.0
-
-    return factor
 
 
 def save_hf_checkpoint(policy: Policy, out_dir: Path) -> None:
@@ -243,13 +228,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     # ---- RL
     optimizer = build_optimizer([p for p in policy.model.parameters() if p.requires_grad], cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     state = {"step": 0, "data_position": 0}
-    if resume_from is not None:
+    if resume_from is not None:  # the lr needs no restoring: it is a function of the step (optimizer.lr_at)
         state = load_checkpoint(resume_from, policy.model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_schedule(cfg), last_epoch=state["step"] - 1
-        )
         log.info("resumed from %s at step %d", resume_from, state["step"])
     elif resume:
         log.info("--resume: no checkpoint in %s, starting at step 0", ckpt_root)
@@ -279,7 +260,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if engine is not None:
             engine.sleep()  # colocated on a GPU: vLLM's weights and KV cache make room for training
         t_train = time.perf_counter()
-        train_metrics = policy_update(policy, optimizer, scheduler, batch, cfg)
+        train_metrics = policy_update(policy, optimizer, batch, cfg, step)
         train_seconds = time.perf_counter() - t_train
         if engine is not None:
             engine.wake_up()

@@ -15,6 +15,7 @@ from megatron_rl.algo.packing import (
     packed_forward_logprobs,
     unpack_to_samples,
 )
+from megatron_rl.train.optimizer import lr_at
 
 
 def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -56,8 +57,12 @@ def finish_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float
     return grad_norm_and_clip(params, max_norm)
 
 
-def policy_update(policy, optimizer, scheduler, batch, cfg) -> dict[str, float]:
-    """GRPO update on `batch` (identical on every rank); returns loss, entropy, mismatch and grad metrics."""
+def policy_update(policy, optimizer, batch, cfg, step: int) -> dict[str, float]:
+    """GRPO update of RL step `step` (1-based) on `batch` (identical on every rank): cfg.grpo.micro_steps
+    optimizer steps, all at lr_at(step, cfg). Returns loss, entropy, mismatch and grad metrics, and that lr."""
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:  # a function of the RL step only, so a resumed run continues exactly
+        group["lr"] = lr
     model = policy.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,7 +119,6 @@ def policy_update(policy, optimizer, scheduler, batch, cfg) -> dict[str, float]:
                 masks.append(mb.loss_mask.to(device))
         norm = finish_gradients(params, cfg.optim.grad_clip)
         optimizer.step()
-        scheduler.step()
         if micro_step == 0:
             scored = sum(mb.num_response_tokens for mb in microbatches)
             metrics = {
@@ -133,5 +137,5 @@ def policy_update(policy, optimizer, scheduler, batch, cfg) -> dict[str, float]:
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
                 metrics["mismatch_max_abs_diff_local"] = metrics["mismatch_max_abs_diff"]
                 metrics["mismatch_max_abs_diff"] = float(worst)
-    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    metrics["lr"] = lr
     return metrics
