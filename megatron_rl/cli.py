@@ -200,39 +200,28 @@ def reward_cmd(
     raise typer.Exit(reward_main(kind, str(input_path), workers, timeout, unsafe_no_sandbox))
 
 
-# `megatron-rl bench NAME ARGS...` runs main(ARGS) of the module; each parses its own arguments.
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "kernels": (
-        "kernels.bench",
-        "Fused log-prob/entropy kernel vs Megatron and torch baselines (needs a CUDA GPU).",
-    ),
-    "rewards": (
-        "megatron_rl.rewards.bench",
-        "Sandboxed code execution vs plain python3, and math-verify throughput.",
-    ),
-    "sync": (
-        "megatron_rl.bench_sync",
-        "Weight sync Megatron -> vLLM: ms and MB/s for the tiny and a ~150M-parameter model.",
-    ),
-    "packing": (
-        "megatron_rl.bench_packing",
-        "Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models.",
-    ),
+# `megatron-rl bench NAME ARGS...` runs main(ARGS) of megatron_rl.bench.NAME; each parses its own arguments
+# (`megatron-rl bench NAME --help` lists them).
+BENCHMARKS: dict[str, str] = {
+    "kernels": "Fused log-prob/entropy kernel vs Megatron and torch baselines (needs a CUDA GPU).",
+    "rewards": "Sandboxed code execution vs plain python3, and math-verify throughput.",
+    "sync": "Weight sync Megatron -> vLLM: ms and MB/s for the tiny and a ~150M-parameter model.",
+    "packing": "Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models.",
 }
 
 
-def _add_benchmark(name: str, module: str, help_text: str) -> None:
+def _add_benchmark(name: str, help_text: str) -> None:
     def run(ctx: typer.Context) -> None:
         import importlib
 
-        raise typer.Exit(importlib.import_module(module).main(list(ctx.args)))
+        raise typer.Exit(importlib.import_module(f"megatron_rl.bench.{name}").main(list(ctx.args)))
 
-    settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+    settings = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
     bench_app.command(name, help=help_text, context_settings=settings)(run)
 
 
-for _name, (_module, _help) in BENCHMARKS.items():
-    _add_benchmark(_name, _module, _help)
+for _name, _help in BENCHMARKS.items():
+    _add_benchmark(_name, _help)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import torch
 def test_bench_sync_tiny_prints_results():
     # A subprocess, as a user runs it: vLLM spawns its engine process, which re-imports __main__.
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_rl.bench_sync", "--models", "tiny", "--repeats", "1"],
+        [sys.executable, "-m", "megatron_rl.bench.sync", "--models", "tiny", "--repeats", "1"],
         capture_output=True,
         text=True,
         timeout=300,

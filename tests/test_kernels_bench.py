@@ -1,4 +1,4 @@
-"""The kernel benchmark command (kernels/bench.py): refuses to run without CUDA; runs end to end.
+"""The kernel benchmark command (megatron_rl/bench/kernels.py): refuses to run without CUDA; runs end to end.
 
 The smoke test stands in a CPU for the GPU (wall-clock "events", no memory statistics) only to exercise the
 benchmark's plumbing: argument handling, every implementation including the Megatron baseline, the derived
@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from kernels import bench
+from megatron_rl.bench import kernels as bench
 
 
 def test_needs_cuda(monkeypatch, capsys, tmp_path):

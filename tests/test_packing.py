@@ -15,7 +15,7 @@ from megatron_rl.algo.packing import (
     unpack,
     unpack_to_samples,
 )
-from megatron_rl.bench_packing import acereason_like_lengths
+from megatron_rl.bench.packing import acereason_like_lengths
 
 
 def random_batch(n: int, seed: int, max_prompt: int = 12, max_response: int = 60):

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from megatron_rl.bench_packing import acereason_like_lengths, padded_batches
+from megatron_rl.bench.packing import acereason_like_lengths, padded_batches
 
 
 def test_acereason_like_lengths_are_skewed_with_a_tail_at_the_cap():
@@ -20,7 +20,7 @@ def test_acereason_like_lengths_are_skewed_with_a_tail_at_the_cap():
 
 def test_bench_prints_json_last():
     # A separate process: the benchmark starts torch.distributed and Megatron's parallel state.
-    cmd = [sys.executable, "-m", "megatron_rl.bench_packing", "--models", "tiny", "--num-samples", "8"]
+    cmd = [sys.executable, "-m", "megatron_rl.bench.packing", "--models", "tiny", "--num-samples", "8"]
     run = subprocess.run([*cmd, "--reps", "1"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()

@@ -145,7 +145,7 @@ def test_two_stage_latex_parsing_gives_the_ll_parse() -> None:
     from latex2sympy2_extended import latex2sympy2 as l2s
     from sympy import srepr
 
-    from megatron_rl.rewards.bench import _TEMPLATES
+    from megatron_rl.bench.rewards import _TEMPLATES
 
     math_reward(T + r"\boxed{\frac{1}{2}}", "0.5")  # installs the two-stage parser
     cls = l2s._Latex2Sympy

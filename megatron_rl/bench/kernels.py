@@ -1,6 +1,7 @@
 """Throughput benchmark of the fused log-prob / entropy kernel against Megatron-core and plain torch.
 
-    python -m kernels.bench [--tokens 4096 16384 32768] [--vocab 152064] [--out bench_kernels.json]
+    megatron-rl bench kernels [--tokens 4096 16384 32768] [--vocab 152064] [--out bench_kernels.json]
+    (or python -m megatron_rl.bench.kernels)
 
 Needs one CUDA device (TP=1). For each T it times, with CUDA events (median of --iters runs after --warmup):
 - fused: kernels.logprob_entropy (Triton), and the same with the backward written in place over the logits;
@@ -18,6 +19,7 @@ that gradient. It prints a markdown table and writes everything as JSON (--out).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import socket
 import statistics
@@ -38,7 +40,7 @@ MAX_EXTRA_BYTES_PER_TOKEN = 64
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="megatron-rl bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768], help="T values")
     p.add_argument("--vocab", type=int, default=QWEN25_VOCAB, help="V (TP=1: the whole vocabulary)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -279,15 +281,22 @@ def markdown(meta: dict, results: list[dict], checks: dict) -> str:
     return "\n".join(lines)
 
 
+def _installed_version(package: str) -> str:
+    """A package's version from its metadata: Triton itself is imported only under kernels/ (DESIGN.md)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         print(
-            "kernels.bench needs a CUDA device (none is visible); no numbers were measured.", file=sys.stderr
+            "the kernel benchmark needs a CUDA device (none is visible); no numbers were measured.",
+            file=sys.stderr,
         )
         return 2
-    import triton
-
     impls: dict[str, Callable] = {}
     teardown = None
     for name in args.impls:
@@ -307,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": _installed_version("triton"),
         "dtype": args.dtype,
         "vocab": args.vocab,
         "temperature": args.temperature,

@@ -1,4 +1,4 @@
-"""Reward benchmark: `megatron-rl bench rewards` / `python -m megatron_rl.rewards.bench`.
+"""Reward benchmark: `megatron-rl bench rewards` / `python -m megatron_rl.bench.rewards`.
 
 Code: the 164 HumanEval canonical solutions, sandboxed (bubblewrap) against the same programs run as plain
 `python3 script.py` with no sandbox, in the same run:
@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from megatron_rl.bench_common import cpu_name, usable_cores
+from megatron_rl.bench.common import cpu_name, usable_cores
 from megatron_rl.rewards import humaneval as he
 from megatron_rl.rewards import math_grader as mr
 from megatron_rl.rewards.code_reward import run_check_tests
@@ -235,7 +235,7 @@ def bench_math(groups: int, workers: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_rl.rewards.bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="megatron-rl bench rewards", description=__doc__)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="code throughput repeats (median reported)")
     parser.add_argument("--math-groups", type=int, default=250, help="groups of 8 math samples")

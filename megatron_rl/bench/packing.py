@@ -1,6 +1,6 @@
 """Training-step throughput with sequence packing against padded batches, same run.
 
-    python -m megatron_rl.bench_packing            # or: megatron-rl bench packing
+    python -m megatron_rl.bench.packing            # or: megatron-rl bench packing
 
 For each model (the tiny one and a ~150M-parameter one, both built locally), one batch of prompt+response
 lengths is drawn from an AceReason-like distribution (log-normal responses with a long tail, the overlong ones
@@ -38,7 +38,7 @@ import torch
 
 from megatron_rl.algo.logprobs import response_logprobs
 from megatron_rl.algo.packing import pack_microbatches, pack_values, packed_forward_logprobs
-from megatron_rl.bench_common import announce_device, load_average
+from megatron_rl.bench.common import announce_device, load_average
 from megatron_rl.model.tiny import QWEN2_145M, TinyShape
 
 

@@ -1,6 +1,6 @@
 """Weight-sync benchmark, Megatron policy -> vLLM engine, on whatever device this runs on.
 
-    python -m megatron_rl.bench_sync            # or: megatron-rl bench sync
+    python -m megatron_rl.bench.sync            # or: megatron-rl bench sync
 
 For each model (the tiny one and a ~150M-parameter Qwen2-shaped one, random weights, built locally) this
 loads the Megatron policy and starts a vLLM engine from the same checkpoint, then times full weight syncs
@@ -29,13 +29,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from megatron_rl.bench_common import announce_device, load_average
+from megatron_rl.bench.common import announce_device, load_average
 from megatron_rl.model.tiny import QWEN2_145M, TinyShape
 from megatron_rl.rollout.base import SyncReport
 
 MODELS: dict[str, TinyShape] = {
     "tiny": TinyShape(),  # the model the tests use
-    "150m": QWEN2_145M,  # the shape bench_packing uses too
+    "150m": QWEN2_145M,  # the shape the packing benchmark uses too
 }
 
 
