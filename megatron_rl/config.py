@@ -72,7 +72,8 @@ class RolloutCfg(Strict):
     num_engines: int | None = Field(None, ge=1)
     engine_wait_s: float = Field(900.0, gt=0)
     max_num_seqs: int | None = Field(None, ge=1)  # sequences one engine runs at once; None: its whole share
-    max_prompt_tokens: int = Field(1024, ge=1)  # longest prompt `plan` sizes KV cache + micro-batches for
+    # Longer prompts are skipped (and counted); `plan` sizes the KV cache and micro-batches for this length.
+    max_prompt_tokens: int = Field(1024, ge=1)
     # How weights reach vLLM (rollout/transport.py): auto = CUDA IPC on GPU, shared memory on CPU (colocated);
     # broadcast = a gloo/NCCL group with the engine's workers (engines on other GPUs/nodes); rpc = bytes via RPC.
     # local = tensors handed to the in-process worker (engine_ranks=all; what auto picks there).
