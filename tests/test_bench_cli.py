@@ -13,7 +13,10 @@ from megatron_rl.cli import BENCHMARKS, app
 def test_bench_lists_every_benchmark_module():
     modules = {p.stem for p in Path(megatron_rl.bench.__file__).parent.glob("*.py")} - {"__init__", "common"}
     assert set(BENCHMARKS) == modules
-    for args in (["bench"], ["bench", "--help"]):  # no NAME: the same help (exit status 2, click's usage error)
+    for args in (
+        ["bench"],
+        ["bench", "--help"],
+    ):  # no NAME: the same help (exit status 2, click's usage error)
         result = CliRunner().invoke(app, args)
         assert result.exit_code == (2 if args == ["bench"] else 0), result.output
         listed = {line.strip("│ ").split()[0] for line in result.output.splitlines() if line.startswith("│ ")}
