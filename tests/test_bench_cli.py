@@ -13,10 +13,8 @@ from megatron_rl.cli import BENCHMARKS, app
 def test_bench_lists_every_benchmark_module():
     modules = {p.stem for p in Path(megatron_rl.bench.__file__).parent.glob("*.py")} - {"__init__", "common"}
     assert set(BENCHMARKS) == modules
-    for args in (
-        ["bench"],
-        ["bench", "--help"],
-    ):  # no NAME: the same help (exit status 2, click's usage error)
+    # No NAME prints the same help as --help, with click's usage-error exit status 2.
+    for args in (["bench"], ["bench", "--help"]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == (2 if args == ["bench"] else 0), result.output
         listed = {line.strip("│ ").split()[0] for line in result.output.splitlines() if line.startswith("│ ")}
