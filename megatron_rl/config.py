@@ -196,6 +196,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), yaml.safe_load(raw))
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
+    check_sample_fits_microbatch(cfg, str(path))
+    return cfg
+
+
+def check_sample_fits_microbatch(cfg: Config, where: str) -> None:
+    """The longest RL sample (prompt + response at their caps) must fit one packed micro-batch: packing never
+    splits a sample, so otherwise the first full-length response would stop the run mid-stage."""
+    longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    if cfg.grpo.max_tokens_per_microbatch < longest:
+        raise ConfigError(
+            f"{where}: config key 'grpo.max_tokens_per_microbatch': {cfg.grpo.max_tokens_per_microbatch} is "
+            f"below rollout.max_prompt_tokens + rollout.max_response_tokens = {longest}; a sample of that "
+            "length would not fit one micro-batch"
+        )

@@ -26,6 +26,7 @@ def test_default_config_loads_and_overrides_apply():
         ("run.steps=many", "config key 'run.steps'"),
         ("rollout.temperature=-1", "config key 'rollout.temperature'"),
         ("nonsense", "must look like section.key=value"),
+        ("grpo.max_tokens_per_microbatch=1000", "config key 'grpo.max_tokens_per_microbatch': 1000 is below"),
     ],
 )
 def test_bad_config_names_the_key(override, message):

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_rl.train.optimizer import PolicyOptimizer
+from megatron_rl.train.optimizer import OptimizerStateMismatch, PolicyOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
         )
         return state["train"]  # the loop's position is the same on every rank
     state = _read_rank_file(path, dist.get_rank())
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except OptimizerStateMismatch as e:
+        raise CheckpointError(f"checkpoint '{path}': {e}") from None
     _set_rng_state(state["rng"])
     return state["train"]

@@ -26,6 +26,10 @@ from megatron.core import parallel_state
 from megatron_rl.config import Config, OptimCfg
 
 
+class OptimizerStateMismatch(ValueError):
+    """A saved optimizer state whose parameter ownership differs from this run's."""
+
+
 def lr_at(step: int, cfg: Config) -> float:
     """The lr of every optimizer step of RL step `step` (1-based): optim.lr times a linear warmup over the
     first optim.warmup_steps steps, then either constant or cosine from 1 towards optim.min_lr_ratio, with
@@ -129,7 +133,10 @@ class PolicyOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         if state["owned"] != self.owned or set(state["master"]) != set(self._copies()):
-            raise ValueError("the optimizer state was saved for another parameter sharding")
+            raise OptimizerStateMismatch(
+                "the optimizer state was saved for another parameter sharding (optim.distributed_optimizer or "
+                "the data-parallel size differs from the run that saved it)"
+            )
         self.inner.load_state_dict(state["inner"])
         for i, saved in state["master"].items():
             self.master[i].copy_(saved)
