@@ -103,7 +103,38 @@ def test_code_rows_load_and_score_through_the_stage_reward(tmp_path):
     solve = "<think>read, add</think>```python\na, b = map(int, input().split())\nprint(a + b)\n```"
     wrong = "<think>oops</think>```python\nprint(0)\n```"
     with RewardPool(workers=1) as pool:
-        assert score(pool, [solve, wrong], [data.problems[0]] * 2, cfg) == [1.0, 0.0]
+        samples = [_sample(solve), _sample(wrong), _sample(solve.replace("</think>", ""), "length")]
+        # The third was cut off before </think>: its code block is a draft, not an answer.
+        assert score(pool, samples, [data.problems[0]] * 3, cfg) == [1.0, 0.0, 0.0]
+
+
+def _sample(text: str, finish_reason: str = "stop"):
+    from megatron_rl.rollout.base import RolloutSample
+
+    return RolloutSample(
+        prompt_index=0, prompt_ids=[1], token_ids=[2], logprobs=[0.0], finish_reason=finish_reason, text=text
+    )
+
+
+def test_a_response_cut_off_mid_reasoning_scores_zero():
+    """Math: a boxed guess made before </think> in a response the length limit cut off earns nothing; the same
+    box after </think>, or in a response that finished without a <think> block, counts."""
+    from megatron_rl.data.dataset import Problem
+    from megatron_rl.rewards import RewardPool
+    from megatron_rl.train.rollouts import score
+
+    guess = "<think>n(n+1)/2 at n=2... maybe \\boxed{5}, but wait, let me recheck the case n="
+    samples = [
+        _sample(guess, "length"),
+        _sample("<think>1+4=5</think>\\boxed{5} and then some more", "length"),
+        _sample("\\boxed{5}"),
+    ]
+    with RewardPool(workers=1) as pool:
+        assert score(pool, samples, [Problem(prompt="?", answer="5")] * 3, load_config(None)) == [
+            0.0,
+            1.0,
+            1.0,
+        ]
 
 
 @pytest.mark.parametrize("case", ["missing dataset", "separate placement"])

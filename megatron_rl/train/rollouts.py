@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron_rl.algo.grpo import group_advantages, informative_groups, loss_mask
 from megatron_rl.config import ConfigError
 from megatron_rl.data.prompts import render_prompt
+from megatron_rl.rewards.math_grader import THINK_END
 from megatron_rl.rollout.fanout import slices
 
 log = logging.getLogger(__name__)
@@ -72,13 +73,30 @@ def next_problems(dataset, data_position: int, count: int, tokenizer, cfg) -> tu
     return problems, data_position, skipped
 
 
-def score(pool, texts: list[str], problems: list, cfg) -> list[float]:
-    """The stage's verifiable reward: math (last \\boxed{} vs the answer) or code (all tests pass)."""
+def unfinished(sample) -> bool:
+    """Cut off at the length limit before its reasoning closed (no </think>): a \\boxed{} or code block in it is
+    a guess made mid-thought, not the answer the model committed to, so it scores 0 whatever it holds."""
+    return sample.finish_reason == "length" and THINK_END not in sample.text
+
+
+def score(pool, samples: list, problems: list, cfg) -> list[float]:
+    """The stage's verifiable reward: math (last \\boxed{} vs the answer) or code (all tests pass), 0 for
+    unfinished samples (see `unfinished`), which are not sent to the reward workers."""
+    todo = [i for i, s in enumerate(samples) if not unfinished(s)]
+    texts, todo_problems = [samples[i].text for i in todo], [problems[i] for i in todo]
     if cfg.data.reward == "code":
-        return pool.score_code(
-            texts, [p.tests for p in problems], [p.fn_name for p in problems], timeout=cfg.run.reward_timeout
+        scored = pool.score_code(
+            texts,
+            [p.tests for p in todo_problems],
+            [p.fn_name for p in todo_problems],
+            timeout=cfg.run.reward_timeout,
         )
-    return pool.score_math(texts, [p.answer for p in problems], timeout=cfg.run.reward_timeout)
+    else:
+        scored = pool.score_math(texts, [p.answer for p in todo_problems], timeout=cfg.run.reward_timeout)
+    rewards = [0.0] * len(samples)
+    for i, reward in zip(todo, scored, strict=True):
+        rewards[i] = reward
+    return rewards
 
 
 def engines_on_every_rank(engine) -> bool:
@@ -123,7 +141,7 @@ def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, 
     t1 = time.perf_counter()
     rewards = None
     if pool is not None:
-        rewards = score(pool, [s.text for s in samples], [problems[s.prompt_index] for s in samples], cfg)
+        rewards = score(pool, samples, [problems[s.prompt_index] for s in samples], cfg)
     if engines_on_every_rank(engine):
         box = [rewards]
         dist.broadcast_object_list(box, src=0)
