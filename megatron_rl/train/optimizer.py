@@ -32,13 +32,14 @@ class OptimizerStateMismatch(ValueError):
 
 def lr_at(step: int, cfg: Config) -> float:
     """The lr of every optimizer step of RL step `step` (1-based): optim.lr times a linear warmup over the
-    first optim.warmup_steps steps, then either constant or cosine from 1 towards optim.min_lr_ratio, with
-    progress (step - 1) / run.steps (so the cosine starts part-way down when there is a warmup)."""
+    first optim.warmup_steps steps, then either constant or a cosine decay over the remaining steps that
+    reaches optim.min_lr_ratio at the last step (run.steps)."""
     o, index = cfg.optim, step - 1
     if index < o.warmup_steps:
         return o.lr * (index + 1) / o.warmup_steps
     if o.schedule == "cosine":
-        progress = min(1.0, index / max(1, cfg.run.steps))
+        decay_steps = max(1, cfg.run.steps - o.warmup_steps)
+        progress = min(1.0, (index - o.warmup_steps + 1) / decay_steps)
         return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
     return o.lr
 
