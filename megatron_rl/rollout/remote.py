@@ -522,6 +522,10 @@ def connect_engines(
 ) -> list[RemoteEngine]:
     """Engines 0..count-1 of a rendezvous directory, each started with the same options (concurrently: a vLLM
     start takes a while). If any fails, the others are shut down and the first error is raised."""
+    # Imported here, before the threads: transformers' lazy imports are not thread-safe (two threads importing
+    # AutoTokenizer at once can fail with "cannot import name 'AutoTokenizer' from 'transformers'").
+    from transformers import AutoTokenizer  # noqa: F401
+
     with ThreadPoolExecutor(max_workers=max(1, count), thread_name_prefix="mrl-engine-start") as pool:
         futures = [
             pool.submit(
