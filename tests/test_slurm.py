@@ -123,8 +123,12 @@ class Cluster:
                     proc.wait()
 
     def job(self, job_id: str) -> dict[str, str]:
-        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
-        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+        for last in (False, False, True):  # on a loaded machine scontrol has died of a SIGPIPE: ask again
+            proc = self.run("scontrol", "show", "job", "-o", job_id, check=last)
+            if proc.returncode == 0:
+                break
+            time.sleep(1)
+        return dict(item.split("=", 1) for item in proc.stdout.split() if "=" in item)
 
     def wait_job(self, job_id: str, until, timeout: float) -> dict[str, str]:
         def check():
@@ -133,11 +137,12 @@ class Cluster:
                 raise AssertionError(f"job {job_id} can never start here: {job['Reason']}")
             return job if until(job) else None
 
-        return _wait_for(check, timeout, f"job {job_id}")
+        return _wait_for(check, timeout, f"job {job_id}", interval=1)  # scontrol takes CPU from the job
 
     def submit(
         self, script: str, out_dir: Path, overrides: list[str], nodes: int = 1, tasks_per_node: int = 2,
-        gpus_per_node: int = 0, python: str = sys.executable, settings: dict[str, str] | None = None,
+        gpus_per_node: int = 0, cpus_per_task: int = 1, python: str = sys.executable,
+        settings: dict[str, str] | None = None,
     ) -> str:  # fmt: skip
         env = {k: v for k, v in self.env.items() if k not in SETTINGS}
         env |= {
@@ -148,8 +153,8 @@ class Cluster:
         }
         proc = subprocess.run(
             ["sbatch", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}",
-             f"--gpus-per-node={gpus_per_node}", "--cpus-per-task=1", f"--output={out_dir}/sbatch-%j.out",
-             script, *overrides],
+             f"--gpus-per-node={gpus_per_node}", f"--cpus-per-task={cpus_per_task}",
+             f"--output={out_dir}/sbatch-%j.out", script, *overrides],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
@@ -276,35 +281,36 @@ def _metric_steps(run_dir: Path) -> list[int]:
     )
 
 
-def test_math_stage_runs_two_ranks_to_completion(slurm, tmp_path):
-    job_id = slurm.submit(
-        "slurm/math_stage.sh", tmp_path, ["run.name=done", "run.steps=3", "run.checkpoint_every=2", *QUICK]
-    )
-    job = slurm.wait_job(job_id, lambda j: j.get("JobState") in FINISHED, timeout=400)
-    log = _log(tmp_path, job_id)
-    assert job["JobState"] == "COMPLETED", log[-4000:]
-    assert "2 task(s)" in log and "trainer exited with code 0" in log
-    run_dir = tmp_path / "done"
-    assert _metric_steps(run_dir) == [1, 2, 3]
-    ckpt = run_dir / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step_000003"
-    assert {p.name for p in (ckpt / "step_000003").glob("rank_*.pt")} == {"rank_0000.pt", "rank_0001.pt"}
-    results = [json.loads(line.split(": ", 1)[1]) for line in log.splitlines() if re.match(r"[01]: \{", line)]
-    assert len(results) == 1 and results[0]["run_dir"] == str(run_dir)  # one result line, from rank 0
+def _until(ready, slurm: Cluster, job_id: str, timeout: float, what: str) -> bool:
+    """Wait until `ready()` (called every 0.1 s) or until the job has finished (asked every 2 s: each scontrol
+    takes this machine's CPUs from the job); return ready()."""
+    asked = [0.0]
+
+    def done() -> bool:
+        if ready():
+            return True
+        if time.monotonic() - asked[0] >= 2:
+            asked[0] = time.monotonic()
+            return slurm.job(job_id)["JobState"] in FINISHED
+        return False
+
+    _wait_for(done, timeout, what, 0.1)
+    return bool(ready())
 
 
-def _preempt_after_first_checkpoint(
-    slurm: Cluster, out_dir: Path, job_id: str, run_dir: Path
-) -> dict[str, str]:
-    """Once the run has a checkpoint, do what Slurm does at --signal=B:USR1@<seconds> before the time limit
-    (signal the batch script only); check the job requeued, and return it once it has finished."""
-    latest = run_dir / "checkpoints" / "latest"
-    _wait_for(
-        lambda: latest.is_file() or slurm.job(job_id)["JobState"] in FINISHED, 400, "a first checkpoint", 0.1
-    )
-    assert latest.is_file(), _log(out_dir, job_id)[-4000:]
+def _preempt_as_soon_as_it_runs(slurm: Cluster, out_dir: Path, job_id: str) -> dict[str, str]:
+    """Do what Slurm does at --signal=B:USR1@<seconds> before the time limit (signal the batch script only) once
+    the batch script has its traps (it then writes the trainer's stop file, which the trainer reads after each
+    step): the trainer, still starting, checkpoints and stops after its first step, far from its last one however
+    loaded this machine is. Check the job requeued, and return it once it has finished."""
+    log = out_dir / "logs" / f"mrl-math-{job_id}.out"
+
+    def trapped() -> bool:  # the batch script's "job <id> ... restart 0:" line comes after its traps
+        return log.is_file() and " restart 0:" in log.read_text(errors="replace")
+
+    assert _until(trapped, slurm, job_id, 120, "the job to start"), (slurm.job(job_id), _log(out_dir, job_id))
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED or j.get("Restarts") != "0", timeout=120)
+    job = slurm.wait_job(job_id, lambda j: j["JobState"] in FINISHED or j.get("Restarts") != "0", timeout=400)
     assert job.get("Restarts") == "1", (job, _log(out_dir, job_id)[-4000:])
     return slurm.wait_job(
         job_id, lambda j: j["JobState"] in FINISHED, timeout=400
@@ -312,23 +318,36 @@ def _preempt_after_first_checkpoint(
 
 
 def test_math_stage_requeues_on_usr1_and_resumes(slurm, tmp_path):
-    steps = 8
-    overrides = ["run.name=preempted", f"run.steps={steps}", "run.checkpoint_every=1", *QUICK]
-    job_id = slurm.submit("slurm/math_stage.sh", tmp_path, overrides)
+    """Two ranks (one node, two tasks: data-parallel 2), a checkpoint every 2 steps. A USR1 stops the run after its
+    current step (the first) with a checkpoint there too, the job requeues itself, resumes from that checkpoint and
+    finishes: the last step is checkpointed though off the interval, with every rank's state, and there is one
+    result line, from rank 0."""
+    steps, every = 3, 2
+    overrides = ["run.name=preempted", f"run.steps={steps}", f"run.checkpoint_every={every}", *QUICK]
+    job_id = slurm.submit("slurm/math_stage.sh", tmp_path, overrides)  # 1 node x 2 tasks
     run_dir = tmp_path / "preempted"
-    job = _preempt_after_first_checkpoint(slurm, tmp_path, job_id, run_dir)
+    job = _preempt_as_soon_as_it_runs(slurm, tmp_path, job_id)
     log = _log(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-4000:]
+    assert job["NumTasks"] == "2", job
 
-    stopped = re.search(r"preempted: stopped after step (\d+)", log)
+    first, second = log.split("restart 1:")
+    assert all("1 node(s)" in run and "2 task(s)" in run for run in (first, second)), log[-4000:]
+    stopped = re.search(r"preempted: stopped after step (\d+)", first)
     assert stopped, log[-4000:]
     step = int(stopped.group(1))
     assert 1 <= step < steps
-    assert "trainer exited with code 85" in log and f"requeueing job {job_id}" in log
-    assert f"resumed from {run_dir}/checkpoints/step_{step:06d} at step {step}" in log
-    assert "restart 1:" in log and "trainer exited with code 0" in log
+    assert "trainer exited with code 85" in first and f"requeueing job {job_id}" in first
+    assert f"resumed from {run_dir}/checkpoints/step_{step:06d} at step {step}" in second
+    assert "trainer exited with code 0" in second
     assert _metric_steps(run_dir) == list(range(1, steps + 1))
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == f"step_{steps:06d}"
+    last = ckpt / f"step_{steps:06d}"
+    assert {p.name for p in last.glob("rank_*.pt")} == {"rank_0000.pt", "rank_0001.pt"}
+    results = [json.loads(line.split(": ", 1)[1]) for line in log.splitlines() if re.match(r"[01]: \{", line)]
+    assert len(results) == 1 and results[0]["run_dir"] == str(run_dir)  # one result line, from rank 0
+    assert "\n0: {" in second
 
 
 def _job_hosts(slurm: Cluster, job: dict[str, str]) -> list[str]:
@@ -336,35 +355,41 @@ def _job_hosts(slurm: Cluster, job: dict[str, str]) -> list[str]:
 
 
 def test_math_stage_runs_engines_on_a_separate_node_and_requeues(slurm, tmp_path):
-    """placement=separate on two nodes: the vLLM engine server on the job's last node, the trainer on the first;
-    a USR1 requeues the job, which starts both again (a clean rendezvous directory) and finishes every step."""
-    steps = 8
+    """placement=separate on two nodes: two vLLM engine servers (one per GPU) on the job's last node, a one-rank
+    trainer on the first, which splits each step's prompts over both engines and broadcasts its weights to both
+    after every update (the trainer's log-probs then match the engines' exactly). A USR1 requeues the job, which
+    starts them all again (a clean rendezvous directory) and finishes every step; the servers exit 0 each time."""
+    steps = 3
+    engines = slurm.gpus_per_node or 1  # rollout TP 1: one engine per GPU (one per node without GPUs)
     overrides = ["run.name=separate", f"run.steps={steps}", "run.checkpoint_every=1", *QUICK]
-    settings = {"ROLLOUT_PLACEMENT": "separate", "ENGINE_NODES": "1"}
-    job_id = slurm.submit(
-        "slurm/math_stage.sh", tmp_path, overrides, nodes=2, tasks_per_node=1, settings=settings
-    )
+    # Three processes on this machine's cores: one thread each, as on nodes of their own. SRUN_WAIT: servers left
+    # without a trainer (a failed run) are cancelled after 60 s instead of 300.
+    settings = {"ROLLOUT_PLACEMENT": "separate", "ENGINE_NODES": "1", "OMP_NUM_THREADS": "1",
+                "SRUN_WAIT": "60"}  # fmt: skip
+    job_id = slurm.submit("slurm/math_stage.sh", tmp_path, overrides, nodes=2, tasks_per_node=1,
+                          gpus_per_node=slurm.gpus_per_node, cpus_per_task=2, settings=settings)  # fmt: skip
     run_dir = tmp_path / "separate"
     latest = run_dir / "checkpoints" / "latest"
-    job = _preempt_after_first_checkpoint(slurm, tmp_path, job_id, run_dir)
+    job = _preempt_as_soon_as_it_runs(slurm, tmp_path, job_id)
     log = _log(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED", log[-4000:]
 
     trainer, engine = _job_hosts(slurm, job)
     first, second = log.split("restart 1:")
     for run in (first, second):
-        assert f"rollout engines: 1 serve-rollout task(s) on 1 node(s) [{engine}], 1 per node" in run, run[
-            -4000:
-        ]
+        layout = f"{engines} serve-rollout task(s) on 1 node(s) [{engine}], {engines} per node"
+        assert f"rollout engines: {layout}" in run, run[-4000:]
         assert f"trainer: 1 node(s) [{trainer}], 1 task(s)" in run
+        assert f"\n0: trainer rank 0 on {trainer} " in run
+        for i in range(engines):
+            gpu = f"(CUDA_VISIBLE_DEVICES={i})" if slurm.gpus_per_node else ""
+            assert f"\nengine {i}: engine server {i} on {engine} {gpu}" in run, run[-4000:]
         assert (
-            f"\nengine 0: engine server 0 on {engine} " in run and f"\n0: trainer rank 0 on {trainer} " in run
+            f"rollout.num_engines={engines} rollout.engine_rendezvous={run_dir}/engines "
+            f"rollout.broadcast_host={trainer}" in run
         )
-        assert (
-            f"rollout.num_engines=1 rollout.engine_rendezvous={run_dir}/engines rollout.broadcast_host={trainer}"
-            in run
-        )
-        # Exit code 0: the server shut down on the trainer's request (one whose trainer vanished exits 1).
+        assert f"{engines} rollout engine(s) started on separate nodes: " in run, run[-4000:]
+        # Exit code 0: the servers shut down on the trainer's request (one whose trainer vanished exits 1).
         assert "engine servers exited with code 0" in run, run[-4000:]
     assert "trainer exited with code 85" in first and f"requeueing job {job_id}" in first
     assert "trainer exited with code 0" in second
@@ -372,6 +397,10 @@ def test_math_stage_runs_engines_on_a_separate_node_and_requeues(slurm, tmp_path
     assert stopped and f"resumed from {run_dir}/checkpoints/step_{int(stopped.group(1)):06d}" in second
     assert _metric_steps(run_dir) == list(range(1, steps + 1))
     assert latest.read_text().strip() == f"step_{steps:06d}"
+    for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        # Every step samples on the engines after the trainer's weights reached them (at the start, after each
+        # update, after the resume): the same weights, the same log-probs.
+        assert record["mismatch_max_abs_diff"] < 1e-5 and record["sync_mb"] > 0, record
 
 
 STUB_PYTHON = """#!/bin/bash
@@ -497,10 +526,7 @@ def test_nemo_run_slurm_executor_submits_and_requeues_after_a_crash(slurm, tmp_p
         )
 
     latest = run_dir / "checkpoints" / "latest"
-    _wait_for(
-        lambda: latest.is_file() or slurm.job(job_id)["JobState"] in FINISHED, 400, "a first checkpoint", 0.1
-    )
-    assert latest.is_file(), (slurm.job(job_id), nemo_logs())
+    assert _until(latest.is_file, slurm, job_id, 400, "a first checkpoint"), (slurm.job(job_id), nemo_logs())
     trainers = _wait_for(lambda: _trainer_processes(name), 30, "the trainer processes")
     assert len(trainers) == slurm.gpus_per_node  # one task per GPU
     assert all("--resume" in p.cmdline() for p in trainers)
