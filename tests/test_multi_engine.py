@@ -100,6 +100,8 @@ def test_two_rank_train_with_two_engines_and_resume(tmp_path):
         args = _args(tmp_path, "two", steps)  # args[1:4]: "-m megatron_rl.cli train"
         cmd = launcher + args[1:4] + list(extra) + args[4:]
         cmd += ["rollout.engine_ranks=all", "model.tensor_parallel_size=2", "run.tensorboard=false"]
+        # 10 SFT steps: enough for replicated parameters to drift apart across TP ranks if they could
+        cmd += ["sft.max_steps=10", "sft.eval_after=10", "sft.eval_every=10"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-4000:]
         return proc

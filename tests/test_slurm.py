@@ -502,7 +502,7 @@ def test_nemo_run_slurm_executor_submits_and_requeues_after_a_crash(slurm, tmp_p
         pytest.skip(
             "this machine refused mknod: the test cluster has no GPUs for the executor's --gpus-per-node"
         )
-    steps, name = 6, "nemo_slurm"
+    steps, name = 4, "nemo_slurm"
     runs, jobs = tmp_path / "runs", tmp_path / "jobs"
     env = {k: v for k, v in slurm.env.items() if not k.startswith("MEGATRON_RL_")}
     env["NEMORUN_HOME"] = str(tmp_path / "nemo_run_home")

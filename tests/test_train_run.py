@@ -51,15 +51,30 @@ def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
+def two_runs(tmp_path_factory):
+    """The same 4-step config twice at once, so that each competes with the other for the CPU: "full" runs to
+    the end; "killed" gets SIGKILL as soon as its step-2 checkpoint is written. Returns (full run dir, its
+    result line, its stderr, killed run dir)."""
     out = tmp_path_factory.mktemp("runs")
-    proc = subprocess.run(_args(out, "full", 4), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out / "full", json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    with open(out / "full.out", "w") as stdout, open(out / "full.err", "w") as stderr:
+        full = subprocess.Popen(_args(out, "full", 4), stdout=stdout, stderr=stderr)
+    killed = subprocess.Popen(_args(out, "killed", 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    latest = out / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 900
+    try:
+        while not latest.is_file() and killed.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # our own session only: the run and its vLLM/reward workers
+        killed.wait()
+    assert full.wait(timeout=900) == 0, (out / "full.err").read_text()[-4000:]
+    result = json.loads((out / "full.out").read_text().strip().splitlines()[-1])
+    return out / "full", result, (out / "full.err").read_text(), out / "killed"
 
 
-def test_short_run_logs_every_metric(full_run):
-    run_dir, result, stderr = full_run
+def test_short_run_logs_every_metric(two_runs):
+    run_dir, result, stderr, _ = two_runs
     assert set(result) == {"sft_accuracy", "rl_accuracy", "minutes", "run_dir"}
     records = _last_per_step(run_dir)
     assert sorted(records) == [1, 2, 3, 4]
@@ -79,45 +94,33 @@ def _deterministic(record: dict) -> dict:
     return {k: v for k, v in record.items() if not (k.startswith("time_") or k.endswith("_per_s"))}
 
 
-def test_kill_and_resume_matches_uninterrupted(full_run, tmp_path):
-    """A second run of the same config, with another process competing for the CPU, logs the same metrics line
-    for line as the first (same seed -> same figures, whatever the load); killed with SIGKILL after its step-2
-    checkpoint and resumed, it continues exactly like the uninterrupted run."""
-    run_dir_full, _, _ = full_run
-    name = "killed"
-    # A busy loop at the lowest priority: it takes whatever CPU the run leaves idle and shifts its timing.
-    load = subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(19))
-    try:
-        proc = subprocess.Popen(_args(tmp_path, name, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
-        latest = tmp_path / name / "checkpoints" / "latest"
-        deadline = time.time() + 600
-        while not latest.is_file() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # our own session only: the run and its vLLM/reward workers
-        proc.wait()
-    finally:
-        load.kill()  # its own pid
-        load.wait()
-    assert latest.read_text().strip() == "step_000002"
-    full, killed = _last_per_step(run_dir_full), _last_per_step(tmp_path / name)
+def test_kill_and_resume_matches_uninterrupted(two_runs):
+    """Two runs of the same config and seed that competed for the CPU log the same metrics line for line (same
+    seed -> same figures, whatever the load); the second, killed with SIGKILL after its step-2 checkpoint and
+    resumed, continues exactly like the uninterrupted run."""
+    run_dir_full, _, _, killed_dir = two_runs
+    assert (killed_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    full, killed = _last_per_step(run_dir_full), _last_per_step(killed_dir)
     assert {1, 2} <= set(killed)
     for step in (1, 2):
         assert _deterministic(killed[step]) == _deterministic(full[step]), step
-    sft_record = json.loads((tmp_path / name / "sft.json").read_text())
+    sft_record = json.loads((killed_dir / "sft.json").read_text())
     assert sft_record == json.loads((run_dir_full / "sft.json").read_text())
 
     resumed = subprocess.run(
-        [*_args(tmp_path, name, 4), "--resume"], capture_output=True, text=True, timeout=900
+        [*_args(killed_dir.parent, killed_dir.name, 4), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    again = _last_per_step(tmp_path / name)
+    again = _last_per_step(killed_dir)
     for step in (3, 4):
         expected, got = _deterministic(full[step]), _deterministic(again[step])
         assert got.keys() == expected.keys(), step
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (step, key)
-    a, b = _weights(run_dir_full, 4), _weights(tmp_path / name, 4)
+    a, b = _weights(run_dir_full, 4), _weights(killed_dir, 4)
     assert a and set(a) == set(b)
     for key, value in a.items():
         if isinstance(value, torch.Tensor):
@@ -151,19 +154,21 @@ def test_sft_from_pairs_stops_on_request_and_resumes_exactly(tmp_path):
         "".join(json.dumps({"prompt": p.prompt, "response": task.sft_response(p)}) + "\n" for p in rows)
         + '{"prompt": "1+1="}\n'
     )
-    straight = subprocess.run(
-        _sft_args(tmp_path, "straight", pairs), capture_output=True, text=True, timeout=600
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "1 bad rows skipped" in straight.stderr
-
     stop_file = tmp_path / "stop"
     stop_file.touch()  # asked to stop from the start: it stops after step 1
     env = {**os.environ, "MEGATRON_RL_STOP_FILE": str(stop_file)}
-    stopped = subprocess.run(
-        _sft_args(tmp_path, "stopped", pairs), capture_output=True, text=True, timeout=600, env=env
-    )
-    assert stopped.returncode == 85, stopped.stderr[-3000:]
+    # The uninterrupted run and the stopped one at the same time (neither waits for the other's vLLM start).
+    with (
+        open(tmp_path / "straight.err", "w+") as straight_err,
+        open(tmp_path / "stopped.err", "w+") as stopped_err,
+    ):
+        straight = subprocess.Popen(_sft_args(tmp_path, "straight", pairs), stdout=subprocess.DEVNULL,
+                                    stderr=straight_err)  # fmt: skip
+        stopped = subprocess.Popen(_sft_args(tmp_path, "stopped", pairs), stdout=subprocess.DEVNULL,
+                                   stderr=stopped_err, env=env)  # fmt: skip
+        assert straight.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-3000:]
+        assert stopped.wait(timeout=600) == 85, (tmp_path / "stopped.err").read_text()[-3000:]
+    assert "1 bad rows skipped" in (tmp_path / "straight.err").read_text()
     assert (tmp_path / "stopped" / "sft_checkpoints" / "latest").read_text() == "step_000001"
     assert not (tmp_path / "stopped" / "sft_model").exists()
     stop_file.unlink()
