@@ -166,8 +166,14 @@ def test_sft_from_pairs_stops_on_request_and_resumes_exactly(tmp_path):
                                     stderr=straight_err)  # fmt: skip
         stopped = subprocess.Popen(_sft_args(tmp_path, "stopped", pairs), stdout=subprocess.DEVNULL,
                                    stderr=stopped_err, env=env)  # fmt: skip
-        assert straight.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-3000:]
-        assert stopped.wait(timeout=600) == 85, (tmp_path / "stopped.err").read_text()[-3000:]
+        try:
+            assert straight.wait(timeout=600) == 0, (tmp_path / "straight.err").read_text()[-3000:]
+            assert stopped.wait(timeout=600) == 85, (tmp_path / "stopped.err").read_text()[-3000:]
+        finally:
+            for proc in (straight, stopped):  # only when an assertion failed: one may still be running
+                if proc.poll() is None:
+                    proc.kill()  # its own pid
+                    proc.wait()
     assert "1 bad rows skipped" in (tmp_path / "straight.err").read_text()
     assert (tmp_path / "stopped" / "sft_checkpoints" / "latest").read_text() == "step_000001"
     assert not (tmp_path / "stopped" / "sft_model").exists()
