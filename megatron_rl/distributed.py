@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import types
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,26 @@ def apply_cpu_shim() -> None:
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
     # dist_checkpointing waits for device copies before writing; on the CPU there is nothing to wait for.
     torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+    # With tied embeddings split over pipeline stages, Megatron moves the last stage's copy with `.cuda()`
+    # before summing it with the first stage's: on a CPU-only torch that raises; here it stays put.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[assignment]
+    # The forward-backward schedules count tokens in `torch.zeros([], device="cuda")`: give them a torch whose
+    # zeros land on the CPU (the module's other uses of torch are untouched).
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCpu("torch")  # type: ignore[attr-defined]
     _CPU_SHIM_APPLIED = True
+
+
+class _TorchOnCpu(types.ModuleType):
+    """torch, except that zeros(..., device="cuda") makes a CPU tensor."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
 
 def free_port() -> int:

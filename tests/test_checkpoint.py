@@ -15,6 +15,12 @@ def _perturb(name: str, tensor: torch.Tensor) -> torch.Tensor:
     return tensor + 0.01 * torch.sin(torch.arange(tensor.numel(), dtype=tensor.dtype)).view_as(tensor)
 
 
+def optim_config():
+    from megatron_rl.config import load_config
+
+    return load_config(None, ["optim.lr=1e-3"]).optim
+
+
 def _hf_tensors(policy) -> dict[str, torch.Tensor]:
     return {name: t.clone() for bucket in policy.hf_buckets() for name, t in bucket}
 
@@ -23,20 +29,22 @@ def _save_then_restore(rank: int, world: int, model_dir: str, out: str) -> None:
     """Save a trained-a-little TP=`world` policy, restore into a fresh one; weights and Adam state equal."""
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_rl.train.optimizer import build_optimizer
 
     init_distributed(ParallelLayout(tp=world), rank=rank, world_size=world)
     try:
         policy = Policy.from_hf(model_dir, transform=_perturb)
-        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+        optimizer = build_optimizer(policy, optim_config())
         ids = torch.arange(12).view(1, 12) % 100
         policy.model(ids, torch.arange(12).view(1, 12), None).float().pow(2).mean().backward()
-        optimizer.step()
-        save_checkpoint(Path(out), 7, policy.model, optimizer, {"step": 7, "data_position": 224}, keep=2)
+        optimizer.step()  # from the fp32 main grads the backward accumulated
+        assert optimizer.state
+        save_checkpoint(Path(out), 7, policy, optimizer, {"step": 7, "data_position": 224}, keep=2)
         expected = _hf_tensors(policy)
 
         fresh = Policy.from_hf(model_dir)
-        fresh_opt = torch.optim.AdamW(fresh.model.parameters(), lr=1e-3)
-        state = load_checkpoint(latest_checkpoint(Path(out)), fresh.model, fresh_opt)
+        fresh_opt = build_optimizer(fresh, optim_config())
+        state = load_checkpoint(latest_checkpoint(Path(out)), fresh, fresh_opt)
         assert state == {"step": 7, "data_position": 224}
         got = _hf_tensors(fresh)
         for name, tensor in expected.items():
@@ -53,12 +61,13 @@ def _reshard(rank: int, world: int, model_dir: str, out: str) -> None:
     """Load a TP=2 checkpoint into a TP=1 policy: the same HF weights come out."""
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint
+    from megatron_rl.train.optimizer import build_optimizer
 
     init_distributed(ParallelLayout(tp=world), rank=rank, world_size=world)
     try:
         policy = Policy.from_hf(model_dir)
-        optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
-        state = load_checkpoint(latest_checkpoint(Path(out)), policy.model, optimizer)
+        optimizer = build_optimizer(policy, optim_config())
+        state = load_checkpoint(latest_checkpoint(Path(out)), policy, optimizer)
         assert state["step"] == 7
         assert not optimizer.state  # a different layout: the optimizer starts afresh (with a warning)
         expected = torch.load(Path(out) / "expected_hf.pt")
@@ -83,12 +92,13 @@ def test_tp2_checkpoint_restores_exactly_and_reshards_to_tp1(tiny_ckpt, tmp_path
 def _load_incomplete(rank: int, world: int, model_dir: str, ckpt: str) -> None:
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.checkpoint import CheckpointError, load_checkpoint
+    from megatron_rl.train.optimizer import build_optimizer
 
     init_distributed(ParallelLayout(), rank=rank, world_size=world)
     try:
         policy = Policy.from_hf(model_dir)
         with pytest.raises(CheckpointError, match="step_000003.*model/"):
-            load_checkpoint(Path(ckpt), policy.model, torch.optim.AdamW(policy.model.parameters()))
+            load_checkpoint(Path(ckpt), policy, build_optimizer(policy, optim_config()))
     finally:
         shutdown()
 

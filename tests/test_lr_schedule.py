@@ -80,7 +80,7 @@ def _lr_per_step_and_resume(rank: int, world: int, model_dir: str, out: str) -> 
         cfg = load_config(None, SCHEDULE)
         batch = _batch()
         policy = Policy.from_hf(model_dir)
-        optimizer = build_optimizer(list(policy.model.parameters()), cfg.optim)
+        optimizer = build_optimizer(policy, cfg.optim)
         seen = _recording(optimizer)
         for step in (1, 2, 3):
             seen.clear()
@@ -88,12 +88,12 @@ def _lr_per_step_and_resume(rank: int, world: int, model_dir: str, out: str) -> 
             assert seen == [lr_at(step, cfg)] * 2, (step, seen)  # both micro-steps at this step's lr
             assert metrics["lr"] == lr_at(step, cfg)  # the lr the update used, not the next step's
             if step == 2:
-                save_checkpoint(Path(out), 2, policy.model, optimizer, {"step": 2, "data_position": 0}, 1)
+                save_checkpoint(Path(out), 2, policy, optimizer, {"step": 2, "data_position": 0}, 1)
         uninterrupted = [p.detach().clone() for p in policy.model.parameters()]
 
         resumed = Policy.from_hf(model_dir)
-        resumed_opt = build_optimizer(list(resumed.model.parameters()), cfg.optim)
-        state = load_checkpoint(latest_checkpoint(Path(out)), resumed.model, resumed_opt)
+        resumed_opt = build_optimizer(resumed, cfg.optim)
+        state = load_checkpoint(latest_checkpoint(Path(out)), resumed, resumed_opt)
         seen = _recording(resumed_opt)
         metrics = policy_update(resumed, resumed_opt, batch, cfg, state["step"] + 1)
         assert seen == [lr_at(3, cfg)] * 2 and metrics["lr"] == lr_at(3, cfg), seen

@@ -13,9 +13,16 @@ from tests.distributed_helpers import run_distributed
 
 def _step(policy, optimizer) -> None:
     """One step on the same data on every rank (gradients equal, as after the data-parallel all-reduce)."""
-    optimizer.zero_grad(set_to_none=True)
+    from megatron_rl.train.optimizer import PolicyOptimizer
+
+    policy.zero_grads()
     ids = torch.arange(16).view(1, 16) % 100
     policy.model(ids, torch.arange(16).view(1, 16), None).float().pow(2).mean().backward()
+    if not isinstance(
+        optimizer, PolicyOptimizer
+    ):  # a plain torch optimizer reads .grad, in the model's dtype
+        for p in policy.parameters():
+            p.grad = p.main_grad.to(p.dtype)
     optimizer.step()
 
 
@@ -29,8 +36,8 @@ def _sharded_matches_plain(rank: int, world: int, model_dir: str, out: str) -> N
         sharded_cfg = load_config(None, ["optim.distributed_optimizer=true", "optim.lr=1e-2"]).optim
         plain_cfg = load_config(None, ["optim.lr=1e-2"]).optim
         sharded, plain = Policy.from_hf(model_dir), Policy.from_hf(model_dir)
-        sharded_opt = build_optimizer(list(sharded.model.parameters()), sharded_cfg)
-        plain_opt = build_optimizer(list(plain.model.parameters()), plain_cfg)
+        sharded_opt = build_optimizer(sharded, sharded_cfg)
+        plain_opt = build_optimizer(plain, plain_cfg)
         assert sharded_opt.group is not None and plain_opt.group is None
         for _ in range(2):
             _step(sharded, sharded_opt)
@@ -43,10 +50,10 @@ def _sharded_matches_plain(rank: int, world: int, model_dir: str, out: str) -> N
         owned = sum(sizes[i] for i in sharded_opt.owned)
         assert abs(owned - sum(sizes) / 2) <= max(sizes) / 2  # the shares are balanced by size
 
-        save_checkpoint(Path(out), 2, sharded.model, sharded_opt, {"step": 2, "data_position": 0}, keep=1)
+        save_checkpoint(Path(out), 2, sharded, sharded_opt, {"step": 2, "data_position": 0}, keep=1)
         fresh = Policy.from_hf(model_dir)
-        fresh_opt = build_optimizer(list(fresh.model.parameters()), sharded_cfg)
-        load_checkpoint(latest_checkpoint(Path(out)), fresh.model, fresh_opt)
+        fresh_opt = build_optimizer(fresh, sharded_cfg)
+        load_checkpoint(latest_checkpoint(Path(out)), fresh, fresh_opt)
         saved, loaded = sharded_opt.state_dict()["inner"]["state"], fresh_opt.state_dict()["inner"]["state"]
         assert saved.keys() == loaded.keys() and saved
         for key in saved:
@@ -75,7 +82,7 @@ def _bf16_master_weights(rank: int, world: int, model_dir: str, out: str) -> Non
         mixed = Policy.from_hf(model_dir, params_dtype=torch.bfloat16)
         pure = Policy.from_hf(model_dir, params_dtype=torch.bfloat16)
         start = [p.detach().clone() for p in mixed.model.parameters()]
-        mixed_opt = build_optimizer(list(mixed.model.parameters()), cfg)
+        mixed_opt = build_optimizer(mixed, cfg)
         pure_opt = torch.optim.AdamW(pure.model.parameters(), lr=cfg.lr)
         assert mixed_opt.state_dict()["master"]  # fp32 copies of the bf16 parameters
         for _ in range(20):
@@ -89,10 +96,10 @@ def _bf16_master_weights(rank: int, world: int, model_dir: str, out: str) -> Non
             m = mixed_opt.master[i]
             assert m.dtype == torch.float32 and torch.equal(p, m.to(p.dtype))
 
-        save_checkpoint(Path(out), 20, mixed.model, mixed_opt, {"step": 20, "data_position": 0}, keep=1)
+        save_checkpoint(Path(out), 20, mixed, mixed_opt, {"step": 20, "data_position": 0}, keep=1)
         fresh = Policy.from_hf(model_dir, params_dtype=torch.bfloat16)
-        fresh_opt = build_optimizer(list(fresh.model.parameters()), cfg)
-        load_checkpoint(latest_checkpoint(Path(out)), fresh.model, fresh_opt)
+        fresh_opt = build_optimizer(fresh, cfg)
+        load_checkpoint(latest_checkpoint(Path(out)), fresh, fresh_opt)
         for i, m in mixed_opt.master.items():
             assert torch.equal(m, fresh_opt.master[i])  # the masters, not their bf16 rounding, come back
     finally:
@@ -115,28 +122,25 @@ def _tp_grad_norm(rank: int, world: int, model_dir: str, out: str) -> None:
     (a per-rank norm would clip ranks differently and make the replicated layer norms drift apart)."""
     import torch.distributed as dist
 
-    from megatron_rl.algo.packing import pack_microbatches, packed_forward_logprobs
+    from megatron_rl.algo.packing import pack_microbatches
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.optimizer import build_optimizer
-    from megatron_rl.train.update import grad_norm_and_clip
 
     init_distributed(ParallelLayout(tp=world), rank=rank, world_size=world)
     try:
         policy = Policy.from_hf(model_dir)
-        optimizer = build_optimizer(
-            list(policy.model.parameters()), load_config(None, ["optim.lr=1e-2"]).optim
-        )
+        optimizer = build_optimizer(policy, load_config(None, ["optim.lr=1e-2"]).optim)
         prompts = [[3, 4, 5], [6, 7]]
         responses = [[8, 9, 10, 11], [12, 13, 14]]
         first_norm = None
-        for _ in range(
-            3
-        ):  # the trainer's loss: log-probs from the vocab-parallel logits (same on every rank)
-            optimizer.zero_grad()
-            for mb in pack_microbatches(prompts, responses, 64):
-                logprobs, _ = packed_forward_logprobs(policy.model, mb, 1.0, policy.tp_group)
-                (-(logprobs * mb.loss_mask).sum()).backward()
-            norm = grad_norm_and_clip(list(policy.model.parameters()), max_norm=1e-3)  # always clips
+
+        def nll(mb, logprobs, entropy):  # log-probs from the vocab-parallel logits (same on every rank)
+            return -(logprobs * mb.loss_mask).sum(), {}
+
+        for _ in range(3):
+            policy.zero_grads()
+            policy.forward_backward(pack_microbatches(prompts, responses, 64), 1.0, nll)
+            norm = policy.clip_grads(max_norm=1e-3)  # always clips
             first_norm = norm if first_norm is None else first_norm
             optimizer.step()
         norms = [None] * world

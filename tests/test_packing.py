@@ -101,7 +101,9 @@ def test_dp_ranks_get_equal_counts_even_with_too_few_samples():
     assert len(fillers) == 1
     filler = fillers[0]
     assert filler.num_tokens == 2 and filler.cu_seqlens.tolist() == [0, 2] and not filler.loss_mask.any()
-    assert filler.packed_seq_params().max_seqlen_q == 2
+    from megatron_rl.model.policy import packed_seq_params
+
+    assert packed_seq_params(filler).max_seqlen_q == 2
 
     # Splitting to equalise counts keeps the per-rank token loads close on a realistic batch.
     p, r = acereason_like_lengths(256, 32, 992, seed=3)

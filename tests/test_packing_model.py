@@ -29,9 +29,9 @@ def make_batch(vocab: int):
 
 def _check_packed_equals_unpacked(rank: int, world: int, model_dir: str, tp: int) -> None:
     from megatron_rl.algo.logprobs import response_logprobs
-    from megatron_rl.algo.packing import pack_microbatches, pack_values, packed_forward_logprobs, unpack
+    from megatron_rl.algo.packing import pack_microbatches, pack_values, unpack
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
-    from megatron_rl.model.policy import Policy
+    from megatron_rl.model.policy import Policy, packed_forward_logprobs
 
     init_distributed(ParallelLayout(tp=tp), rank=rank, world_size=world)
     policy = Policy.from_hf(model_dir)

@@ -80,16 +80,29 @@ def clipped_pg_loss(
     return loss, stats
 
 
+def mismatch_partials(
+    train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The trainer/rollout log-prob mismatch of some tokens, as parts that add up over micro-batches and
+    ranks: (sums, maxima) for `mismatch_metrics`."""
+    mask = mask.bool()
+    d = (train_logprobs.detach() - rollout_logprobs)[mask].double()
+    k3 = torch.exp(d) - 1.0 - d
+    sums = {"mismatch_k3_sum": float(k3.sum()), "mismatch_tokens": float(mask.sum())}
+    return sums, {"mismatch_max_abs_diff": float(d.abs().max()) if d.numel() else 0.0}
+
+
+def mismatch_metrics(sums: dict[str, float], maxima: dict[str, float]) -> dict[str, float]:
+    """kl: mean k3 estimate of KL(rollout || train) over the tokens; max_abs_diff: the worst token."""
+    tokens = sums["mismatch_tokens"]
+    return {
+        "mismatch_kl": sums["mismatch_k3_sum"] / tokens if tokens else 0.0,
+        "mismatch_max_abs_diff": maxima["mismatch_max_abs_diff"],
+    }
+
+
 def logprob_mismatch(
     train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor
-) -> dict:
-    """How far the trainer's recomputed logprobs are from the ones vLLM sampled with (same tokens).
-
-    kl: mean k3 estimate of KL(rollout || train) over masked tokens; max_abs_diff: worst token.
-    """
-    mask = mask.bool()
-    if not mask.any():
-        return {"mismatch_kl": 0.0, "mismatch_max_abs_diff": 0.0}
-    d = (train_logprobs - rollout_logprobs)[mask].double()
-    k3 = torch.exp(d) - 1.0 - d
-    return {"mismatch_kl": float(k3.mean()), "mismatch_max_abs_diff": float(d.abs().max())}
+) -> dict[str, float]:
+    """How far the trainer's recomputed logprobs are from the ones vLLM sampled with (same tokens)."""
+    return mismatch_metrics(*mismatch_partials(train_logprobs, rollout_logprobs, mask))

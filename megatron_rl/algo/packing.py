@@ -4,7 +4,7 @@ Rollout lengths are skewed (a few hundred tokens to the length cap in one batch)
 a micro-batch to its longest wastes most of the compute. Here each micro-batch is one row of concatenated
 sequences with `cu_seqlens` marking the boundaries; Megatron's packed-sequence path (PackedSeqParams, "thd")
 restarts RoPE at every boundary and the attention (TE/flash varlen on GPU, SDPACoreAttention on CPU) never
-crosses one. Each sequence is padded at its end only to `pad_multiple` (what sequence/context parallelism
+crosses one (model/policy.py turns a micro-batch into Megatron's arguments; this module is plain tensors). Each sequence is padded at its end only to `pad_multiple` (what sequence/context parallelism
 needs); causal attention keeps those pad tokens from touching the real ones.
 
 Planning (which sample goes into which micro-batch on which data-parallel rank) is deterministic and depends
@@ -17,13 +17,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from itertools import pairwise
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
-
-from kernels import logprob_entropy
-from megatron_rl.distributed import device
 
 IGNORE_INDEX = -100
 PerSample = float | Sequence[float] | torch.Tensor  # a scalar, or one value per response token
@@ -40,28 +35,6 @@ class PackedMicroBatch:
     sample_indices: list[int]  # which input samples, in packing order
     response_spans: list[tuple[int, int]]  # per sample, [start, end) of its response-token predictions
     sample_lengths: list[int]  # per sample, real prompt + response length (before padding)
-
-    def packed_seq_params(self) -> PackedSeqParams:
-        cu = self.cu_seqlens.to(device=self.tokens.device, dtype=torch.int32)
-        bounds = self.cu_seqlens.tolist()
-        # Megatron sizes the RoPE table from max_seqlen; TE's varlen kernels need it too.
-        longest = max(b - a for a, b in pairwise(bounds))
-        return PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=longest,
-            max_seqlen_kv=longest,
-        )
-
-    def forward_kwargs(self) -> dict:
-        """Keyword arguments for GPTModel.forward (also for a pipeline schedule's forward step)."""
-        return {
-            "input_ids": self.tokens,
-            "position_ids": self.position_ids,
-            "attention_mask": None,
-            "packed_seq_params": self.packed_seq_params(),
-        }
 
     @property
     def num_tokens(self) -> int:
@@ -226,21 +199,6 @@ def _build(
         response_spans=spans,
         sample_lengths=real,
     )
-
-
-def packed_forward_logprobs(
-    model: torch.nn.Module, mb: PackedMicroBatch, temperature: float, tp_group=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logprobs[T], entropy[T]) fp32 over the packed token axis, differentiable; 0 outside responses.
-
-    Position t holds log p(token t + 1) under softmax(logits / temperature), as the unpacked
-    `response_logprobs` does per sample. Needs the whole model on this rank (no pipeline split).
-    """
-    mb = mb.to(device())
-    logits = model(**mb.forward_kwargs())  # [1, T, V / TP], vocab-parallel
-    logprobs, entropy = logprob_entropy(logits[0], mb.targets, temperature, tp_group=tp_group)
-    entropy = torch.where(mb.loss_mask, entropy, torch.zeros_like(entropy))
-    return logprobs, entropy
 
 
 def unpack(values: torch.Tensor, mb: PackedMicroBatch) -> list[torch.Tensor]:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from megatron_rl.algo.logprobs import response_logprobs
-from megatron_rl.algo.packing import pack_microbatches, pack_values, packed_forward_logprobs
+from megatron_rl.algo.packing import pack_microbatches, pack_values
 from megatron_rl.bench.common import announce_device, load_average
 from megatron_rl.model.tiny import QWEN2_145M, TinyShape
 
@@ -82,7 +82,7 @@ def padded_batches(n: int, num_microbatches: int) -> list[list[int]]:
 
 
 def bench_model(spec: BenchModel, budget_factor: float, reps: int, seed: int, workdir: str) -> dict:
-    from megatron_rl.model.policy import Policy
+    from megatron_rl.model.policy import Policy, packed_forward_logprobs
     from megatron_rl.model.tiny import write_tiny_checkpoint
 
     max_len = spec.max_prompt + spec.max_response

@@ -49,6 +49,13 @@ def transformer_config(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=params_dtype if pp > 1 else None,
+        # Packed micro-batches differ in length: pipeline stages send each activation's shape first.
+        variable_seq_lengths=pp > 1,
+        moe_token_dispatcher_type="alltoall",  # no MoE here; the default (allgather) refuses variable lengths
+        batch_p2p_comm=use_cuda(),  # gloo has no batched send/recv
+        # Losses arrive normalised by the whole batch's token count: summed as they are, over micro-batches
+        # and data-parallel ranks (policy.py).
+        calculate_per_token_loss=True,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,

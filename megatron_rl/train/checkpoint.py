@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_rl.train.optimizer import OptimizerStateMismatch, PolicyOptimizer
 
@@ -40,15 +39,7 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def _layout() -> dict[str, int]:
-    return {
-        "world_size": dist.get_world_size(),
-        "tensor_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
-        "pipeline_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
-    }
-
-
-def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: dict, keep: int) -> Path:
+def save_checkpoint(ckpt_root: Path, step: int, policy, optimizer, train_state: dict, keep: int) -> Path:
     """A collective: every rank writes its model shards and its own optimizer/RNG file."""
     rank = dist.get_rank()
     final = ckpt_root / f"step_{step:06d}"
@@ -57,12 +48,12 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, train_state: d
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    policy.save_sharded(tmp / "model")
     torch.save(
         {
             "optimizer": optimizer.state_dict(),
             "rng": _rng_state(),
-            "layout": _layout(),
+            "layout": policy.layout(),
             "train": train_state,
         },
         tmp / f"rank_{rank:04d}.pt",
@@ -88,11 +79,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_model_weights(path: Path, model) -> None:
-    """Fill `model` (this rank's shard, any layout) from a checkpoint's distributed model state."""
+def load_model_weights(path: Path, policy) -> None:
+    """Fill `policy` (this rank's shard, any layout) from a checkpoint's distributed model state."""
     if not (path / "model" / "metadata.json").is_file():
         raise CheckpointError(f"checkpoint '{path}' has no model/ distributed checkpoint (incomplete copy?)")
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), str(path / "model")))
+    policy.load_sharded(path / "model")
 
 
 def _read_rank_file(path: Path, rank: int) -> dict:
@@ -102,18 +93,18 @@ def _read_rank_file(path: Path, rank: int) -> dict:
     return torch.load(rank_file, map_location="cpu", weights_only=False)
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
+def load_checkpoint(path: Path, policy, optimizer) -> dict:
     """Restore model, optimizer and RNG; returns the saved train state (step, data position, ...)."""
-    load_model_weights(path, model)
+    load_model_weights(path, policy)
     if isinstance(optimizer, PolicyOptimizer):
         optimizer.refresh_from_model()  # kept only if the layout changed; otherwise the saved masters win
     state = _read_rank_file(path, 0)
-    if state["layout"] != _layout():
+    if state["layout"] != policy.layout():
         log.warning(
             "checkpoint %s was saved with layout %s, this run has %s: weights resharded, optimizer state reset",
             path,
             state["layout"],
-            _layout(),
+            policy.layout(),
         )
         return state["train"]  # the loop's position is the same on every rank
     state = _read_rank_file(path, dist.get_rank())

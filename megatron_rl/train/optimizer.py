@@ -1,5 +1,7 @@
 """The policy's optimizer: AdamW on fp32 master weights, optionally sharded over data-parallel ranks (ZeRO-1).
 
+- Gradients come from the policy's fp32 main-grad buffers (`param.main_grad`, already summed over data-parallel
+  ranks by Megatron's DDP and clipped by the policy), whatever the parameters' dtype.
 - Low-precision (bf16) parameters get fp32 master copies: AdamW updates the masters and the model receives them
   rounded. Without them an RL-sized step (lr 1e-6) is mostly below bf16's resolution and is lost.
 - With `optim.distributed_optimizer: true` each data-parallel rank owns a share of the parameters (balanced by
@@ -7,8 +9,8 @@
   the other ranks. Memory per parameter: the model's weights and gradients plus (4 + 8) / DP bytes.
 
 megatron-core 0.16.1's distributed optimizer allocates buffers with device="cuda" and asserts CUDA gradient
-types, so it cannot run on the CPU where the tests run (docs/architecture.md); this one is the same code on
-CPU (gloo) and GPU (NCCL). Checkpoints hold each rank's own share (`state_dict` is local), so a resume with
+types, and its gradient reduce-scatter has no gloo implementation, so it cannot run on the CPU where the tests
+run (docs/architecture.md); this one is the same code on CPU (gloo) and GPU (NCCL). Checkpoints hold each rank's own share (`state_dict` is local), so a resume with
 the same layout continues exactly; under another layout the optimizer starts afresh from the loaded weights.
 
 The learning rate is a function of the RL step alone (`lr_at`), set on the param groups by the update at the
@@ -21,7 +23,6 @@ import math
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_rl.config import Config, OptimCfg
 
@@ -59,13 +60,14 @@ class PolicyOptimizer(torch.optim.Optimizer):
     """AdamW over the fp32 masters of the parameters this rank owns; its param_groups (where the update sets
     the lr) and state are the inner AdamW's."""
 
-    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimCfg, shard: bool):
+    def __init__(self, params: list[torch.nn.Parameter], cfg: OptimCfg, group=None):
+        """`group`: the data-parallel group to shard over (ZeRO-1), or None to keep everything on every rank."""
         self.model_params = list(params)
-        self.group = parallel_state.get_data_parallel_group() if shard else None
-        ranks = parallel_state.get_data_parallel_world_size() if shard else 1
-        rank = parallel_state.get_data_parallel_rank() if shard else 0
+        self.group = group
+        ranks = dist.get_world_size(group) if group is not None else 1
+        rank = dist.get_rank(group) if group is not None else 0
         self.owners = balanced_owners([p.numel() for p in self.model_params], ranks)
-        self.src = [dist.get_global_rank(self.group, o) if shard else 0 for o in self.owners]
+        self.src = [dist.get_global_rank(group, o) if group is not None else 0 for o in self.owners]
         self.owned = [i for i, o in enumerate(self.owners) if o == rank]
         # fp32 parameters are their own masters; others get an fp32 copy.
         self.master = {
@@ -98,21 +100,18 @@ class PolicyOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         for i, m in self.master.items():
-            p = self.model_params[i]
-            if m is not p:
-                m.grad = None if p.grad is None else p.grad.float()
+            m.grad = _main_grad(self.model_params[i])  # an fp32 view, no copy
         self.inner.step()
         for i, m in self.master.items():
             if m is not self.model_params[i]:
                 self.model_params[i].copy_(m)
-                m.grad = None
+            m.grad = None
         if self.group is not None:
             for p, src in zip(self.model_params, self.src, strict=True):
                 dist.broadcast(p.data, src=src, group=self.group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.model_params:
-            p.grad = None
+        """Gradients live in the policy's buffers: `Policy.zero_grads` clears them."""
 
     @torch.no_grad()
     def refresh_from_model(self) -> None:
@@ -147,6 +146,13 @@ class PolicyOptimizer(torch.optim.Optimizer):
                 dist.broadcast(p.data, src=src, group=self.group)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimCfg) -> PolicyOptimizer:
-    shard = cfg.distributed_optimizer and parallel_state.get_data_parallel_world_size() > 1
-    return PolicyOptimizer(params, cfg, shard)
+def _main_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
+    grad = getattr(p, "main_grad", None)
+    return (p.grad.float() if p.grad is not None else None) if grad is None else grad
+
+
+def build_optimizer(policy, cfg: OptimCfg) -> PolicyOptimizer:
+    """The optimizer of `policy`'s trainable parameters (sharded over its data-parallel group when
+    optim.distributed_optimizer is set and there is more than one data-parallel rank)."""
+    shard = cfg.distributed_optimizer and policy.dp_size > 1
+    return PolicyOptimizer(policy.parameters(), cfg, policy.dp_group if shard else None)

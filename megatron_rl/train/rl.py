@@ -166,8 +166,6 @@ def train(cfg: Config, resume: bool = False) -> dict:
     torch.manual_seed(cfg.run.seed)
     init_distributed(ParallelLayout(cfg.model.tensor_parallel_size, cfg.model.pipeline_parallel_size))
     preemption.install()  # SIGUSR1/SIGTERM: checkpoint and stop after the current RL step
-    if cfg.model.pipeline_parallel_size > 1:
-        raise ConfigError("config key 'model.pipeline_parallel_size': the RL trainer runs PP=1 for now")
     separate = cfg.rollout.placement == "separate"
     if separate and cfg.rollout.engine_ranks == "all":
         raise ConfigError(
@@ -227,10 +225,10 @@ def train(cfg: Config, resume: bool = False) -> dict:
         sft_accuracy = held_out_accuracy()
 
     # ---- RL
-    optimizer = build_optimizer([p for p in policy.model.parameters() if p.requires_grad], cfg.optim)
+    optimizer = build_optimizer(policy, cfg.optim)
     state = {"step": 0, "data_position": 0}
     if resume_from is not None:  # the lr needs no restoring: it is a function of the step (optimizer.lr_at)
-        state = load_checkpoint(resume_from, policy.model, optimizer)
+        state = load_checkpoint(resume_from, policy, optimizer)
         log.info("resumed from %s at step %d", resume_from, state["step"])
     elif resume:
         log.info("--resume: no checkpoint in %s, starting at step 0", ckpt_root)
@@ -284,7 +282,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         stop = preemption.stop_requested() and step < cfg.run.steps  # a collective: all ranks agree
         every = cfg.run.checkpoint_every
         if stop or (every and (step % every == 0 or step == cfg.run.steps)):
-            save_checkpoint(ckpt_root, step, policy.model, optimizer, state, cfg.run.keep_checkpoints)
+            save_checkpoint(ckpt_root, step, policy, optimizer, state, cfg.run.keep_checkpoints)
         if stop:
             preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, pool))
     if metrics_log:

@@ -9,13 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from megatron.core import parallel_state
-
-from megatron_rl.algo.packing import pack_microbatches, packed_forward_logprobs
+from megatron_rl.algo.packing import pack_microbatches
 from megatron_rl.train import preemption
 from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.train.optimizer import build_optimizer
-from megatron_rl.train.update import finish_gradients
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +20,22 @@ log = logging.getLogger(__name__)
 def sft_step(
     policy, optimizer, prompts: list[list[int]], responses: list[list[int]], max_tokens: int
 ) -> float:
-    """One optimizer step of mean token negative log-likelihood over the responses."""
-    policy.model.train()
-    optimizer.zero_grad(set_to_none=True)
-    total = sum(len(r) for r in responses)
-    loss_sum = 0.0
-    dp = parallel_state.get_data_parallel_world_size()
-    for mb in pack_microbatches(
-        prompts, responses, max_tokens, dp_size=dp, dp_rank=parallel_state.get_data_parallel_rank()
-    ):
-        logprobs, _ = packed_forward_logprobs(policy.model, mb, 1.0, policy.tp_group)
+    """One optimizer step of mean token negative log-likelihood over the responses; returns that mean."""
+    policy.train()
+    policy.zero_grads()
+    total = max(1, sum(len(r) for r in responses))
+
+    def nll(mb, logprobs, entropy):
         loss = -(logprobs * mb.loss_mask.to(logprobs.device)).sum() / total
-        loss.backward()
-        loss_sum += float(loss.detach())
-    finish_gradients([p for p in policy.model.parameters() if p.requires_grad], 1.0)
+        return loss, {"loss": float(loss.detach())}
+
+    microbatches = pack_microbatches(
+        prompts, responses, max_tokens, dp_size=policy.dp_size, dp_rank=policy.dp_rank
+    )
+    stats = policy.forward_backward(microbatches, 1.0, nll)
+    policy.clip_grads(1.0)
     optimizer.step()
-    return loss_sum
+    return policy.batch_totals({"loss": sum(s["loss"] for s in stats)})["loss"]
 
 
 def run_sft(
@@ -51,11 +48,11 @@ def run_sft(
     (the batches depend only on the step).
     """
     optim_cfg = cfg.optim.model_copy(update={"lr": cfg.sft.lr, "weight_decay": 0.0})
-    optimizer = build_optimizer([p for p in policy.model.parameters() if p.requires_grad], optim_cfg)
+    optimizer = build_optimizer(policy, optim_cfg)
     start, accuracy = 1, 0.0
     resume_from = latest_checkpoint(ckpt_root) if ckpt_root is not None and resume else None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, policy.model, optimizer)
+        state = load_checkpoint(resume_from, policy, optimizer)
         start, accuracy = state["step"] + 1, state["accuracy"]
         log.info("SFT resumed from %s at step %d", resume_from, state["step"])
     every = cfg.sft.eval_every
@@ -69,7 +66,7 @@ def run_sft(
             if accuracy >= cfg.sft.stop_at_accuracy:
                 return step, accuracy
         if ckpt_root is not None and step < cfg.sft.max_steps and preemption.stop_requested():
-            save_checkpoint(ckpt_root, step, policy.model, optimizer, {"step": step, "accuracy": accuracy}, 1)
+            save_checkpoint(ckpt_root, step, policy, optimizer, {"step": step, "accuracy": accuracy}, 1)
             preemption.exit_preempted(step, ckpt_root, close)
     if not every:
         accuracy = evaluate_now()

@@ -1,141 +1,112 @@
-"""The policy update for one rollout batch: packed forward/backward of the GRPO loss, optimizer step(s)."""
+"""The policy update for one rollout batch: the GRPO loss over packed micro-batches, optimizer step(s).
+
+The loss of every token is divided by the number of trained response tokens in the whole batch (all
+micro-batches, all data-parallel ranks), so the micro-batch losses add up to the batch's token-level mean
+whatever the packing or the number of ranks. Metrics are the whole batch's too (`Policy.batch_totals`).
+"""
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
-from megatron_rl.algo.grpo import clipped_pg_loss, logprob_mismatch
-from megatron_rl.algo.packing import (
-    pack_microbatches,
-    pack_values,
-    packed_forward_logprobs,
-    unpack_to_samples,
-)
+from megatron_rl.algo.grpo import clipped_pg_loss, mismatch_metrics, mismatch_partials
+from megatron_rl.algo.packing import pack_microbatches, pack_values, unpack_to_samples
 from megatron_rl.train.optimizer import lr_at
 
 
-def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Global L2 norm of the gradients across tensor-parallel shards (split parameters counted once per
-    shard, replicated ones once), then clip in place."""
-    split_sq = torch.zeros((), dtype=torch.float64)
-    replicated_sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        if p.grad is None:
-            continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
-        if getattr(p, "tensor_model_parallel", False):
-            split_sq += sq
-        else:
-            replicated_sq += sq
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(split_sq, group=parallel_state.get_tensor_model_parallel_group())
-    norm = math.sqrt(float(split_sq + replicated_sq))
-    if max_norm > 0 and norm > max_norm:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(max_norm / (norm + 1e-6))
-    return norm
-
-
-def all_reduce_data_parallel_grads(params: list[torch.nn.Parameter]) -> None:
-    dp = parallel_state.get_data_parallel_world_size()
-    if dp == 1:
-        return
-    group = parallel_state.get_data_parallel_group()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)  # loss is already normalised by the global token count
-
-
-def finish_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Sum gradients over data-parallel ranks, then clip by the global norm; returns the norm before clipping."""
-    all_reduce_data_parallel_grads(params)
-    return grad_norm_and_clip(params, max_norm)
+def trained_tokens(batch) -> float:
+    """The loss normaliser: response tokens of the samples that are trained on (at least 1)."""
+    return max(1.0, sum(len(r) * float(t) for r, t in zip(batch.responses, batch.trained, strict=True)))
 
 
 def policy_update(policy, optimizer, batch, cfg, step: int) -> dict[str, float]:
     """GRPO update of RL step `step` (1-based) on `batch` (identical on every rank): cfg.grpo.micro_steps
-    optimizer steps, all at lr_at(step, cfg). Returns loss, entropy, mismatch and grad metrics, and that lr."""
+    optimizer steps, all at lr_at(step, cfg). Returns the loss, entropy, mismatch and gradient metrics of the
+    first of them (whole-batch figures, the same on every rank), and that lr."""
     lr = lr_at(step, cfg)
     for group in optimizer.param_groups:  # a function of the RL step only, so a resumed run continues exactly
         group["lr"] = lr
-    model = policy.model
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    policy.train()
     temperature = cfg.rollout.temperature
-    dp = parallel_state.get_data_parallel_world_size()
     microbatches = pack_microbatches(
         batch.prompts,
         batch.responses,
         cfg.grpo.max_tokens_per_microbatch,
-        dp_size=dp,
-        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=policy.dp_size,
+        dp_rank=policy.dp_rank,
     )
     trained = [float(t) for t in batch.trained]
-    num_tokens = max(1.0, sum(len(r) * t for r, t in zip(batch.responses, trained, strict=True)))
+    num_tokens = trained_tokens(batch)
     old_logprobs: dict[int, torch.Tensor] = {}
     if cfg.grpo.micro_steps > 1:  # several updates per batch: freeze the behaviour policy's logprobs first
-        with torch.no_grad():
-            values = [
-                packed_forward_logprobs(model, mb, temperature, policy.tp_group)[0] for mb in microbatches
-            ]
-        old_logprobs = unpack_to_samples(values, microbatches)
+        values = [lp for lp, _ in policy.forward_logprobs(microbatches, temperature)]
+        old_logprobs = unpack_to_samples(values, microbatches) if values else {}
+
+    def loss_fn(mb, logprobs: torch.Tensor, entropy: torch.Tensor):
+        dev = logprobs.device
+        scored = mb.loss_mask.to(dev)
+        mask = pack_values(trained, mb).to(dev) * scored
+        rollout = pack_values(batch.rollout_logprobs, mb).to(dev)
+        old = pack_values(old_logprobs, mb).to(dev) if old_logprobs else logprobs.detach()
+        loss, stats = clipped_pg_loss(
+            logprobs,
+            old,
+            advantages=pack_values(batch.advantages, mb).to(dev),
+            mask=mask,
+            num_tokens=num_tokens,
+            clip_eps_low=cfg.grpo.clip_eps_low,
+            clip_eps_high=cfg.grpo.clip_eps_high,
+            kl_coef=cfg.grpo.kl_coef,
+            ref_logprobs=rollout if cfg.grpo.kl_coef > 0 else None,
+        )
+        sums, maxima = mismatch_partials(logprobs, rollout, scored)
+        stats = {
+            "loss": float(loss.detach()),
+            "entropy_sum": float((entropy.detach() * scored).sum()),
+            "clipped_tokens": stats["clipped_tokens"],
+            "kl_ref": stats.get("kl_ref", 0.0),
+            **sums,
+            **maxima,
+        }
+        return loss, stats
 
     metrics: dict[str, float] = {}
     for micro_step in range(cfg.grpo.micro_steps):
-        optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "entropy_sum": 0.0, "clipped_tokens": 0.0, "kl_ref": 0.0}
-        train_lp, rollout_lp, masks = [], [], []
-        for mb in microbatches:
-            logprobs, entropy = packed_forward_logprobs(model, mb, temperature, policy.tp_group)
-            device = logprobs.device
-            mask = pack_values(trained, mb).to(device) * mb.loss_mask.to(device)
-            advantages = pack_values(batch.advantages, mb).to(device)
-            rollout = pack_values(batch.rollout_logprobs, mb).to(device)
-            old = pack_values(old_logprobs, mb).to(device) if old_logprobs else logprobs.detach()
-            loss, stats = clipped_pg_loss(
-                logprobs,
-                old,
-                advantages,
-                mask,
-                num_tokens,
-                cfg.grpo.clip_eps_low,
-                cfg.grpo.clip_eps_high,
-                cfg.grpo.kl_coef,
-                ref_logprobs=rollout if cfg.grpo.kl_coef > 0 else None,
-            )
-            loss.backward()
-            totals["loss"] += float(loss.detach())
-            totals["entropy_sum"] += float((entropy.detach() * mb.loss_mask.to(device)).sum())
-            totals["clipped_tokens"] += stats["clipped_tokens"]
-            totals["kl_ref"] += stats.get("kl_ref", 0.0)
-            if micro_step == 0:
-                train_lp.append(logprobs.detach())
-                rollout_lp.append(rollout)
-                masks.append(mb.loss_mask.to(device))
-        norm = finish_gradients(params, cfg.optim.grad_clip)
+        policy.zero_grads()
+        per_microbatch = policy.forward_backward(microbatches, temperature, loss_fn)
+        norm = policy.clip_grads(cfg.optim.grad_clip)
         optimizer.step()
         if micro_step == 0:
-            scored = sum(mb.num_response_tokens for mb in microbatches)
-            metrics = {
-                "loss": totals["loss"],
-                "entropy_mean": totals["entropy_sum"] / max(1, scored),
-                "clip_fraction": totals["clipped_tokens"] / num_tokens,
-                "grad_norm": norm,
-                "microbatches": float(len(microbatches)),
-                "packed_tokens": float(sum(mb.num_tokens for mb in microbatches)),
-                **logprob_mismatch(torch.cat(train_lp), torch.cat(rollout_lp), torch.cat(masks)),
-            }
-            if cfg.grpo.kl_coef > 0:
-                metrics["kl_ref"] = totals["kl_ref"] / num_tokens
-            if dp > 1:  # each rank scored its own share of the batch: log the worst rank's mismatch
-                worst = torch.tensor([metrics["mismatch_max_abs_diff"]], dtype=torch.float64)
-                dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
-                metrics["mismatch_max_abs_diff_local"] = metrics["mismatch_max_abs_diff"]
-                metrics["mismatch_max_abs_diff"] = float(worst)
+            metrics = summarise(policy, microbatches, per_microbatch, num_tokens, norm, cfg.grpo.kl_coef)
     metrics["lr"] = lr
+    return metrics
+
+
+SUMMED = ("loss", "entropy_sum", "clipped_tokens", "kl_ref", "mismatch_k3_sum", "mismatch_tokens")
+
+
+def summarise(
+    policy, microbatches, per_microbatch: list[dict], num_tokens: float, norm: float, kl_coef: float
+):
+    """The logged metrics of one update from this rank's per-micro-batch stats (present on the last pipeline
+    stage only), totalled over the batch."""
+    sums = {key: sum(s[key] for s in per_microbatch) for key in SUMMED}
+    sums["scored_tokens"] = float(sum(mb.num_response_tokens for mb in microbatches))
+    sums["packed_tokens"] = float(sum(mb.num_tokens for mb in microbatches))
+    sums["microbatches"] = float(len(microbatches))
+    if not policy.is_last_stage:  # the stats live on the last stage; counts are added once, from there
+        sums = dict.fromkeys(sums, 0.0)
+    worst = {"mismatch_max_abs_diff": max((s["mismatch_max_abs_diff"] for s in per_microbatch), default=0.0)}
+    totals = policy.batch_totals(sums, worst)
+    metrics = {
+        "loss": totals["loss"],
+        "entropy_mean": totals["entropy_sum"] / max(1.0, totals["scored_tokens"]),
+        "clip_fraction": totals["clipped_tokens"] / num_tokens,
+        "grad_norm": norm,
+        "microbatches": totals["microbatches"],
+        "packed_tokens": totals["packed_tokens"],
+        **mismatch_metrics(totals, totals),
+    }
+    if kl_coef > 0:
+        metrics["kl_ref"] = totals["kl_ref"] / num_tokens
     return metrics

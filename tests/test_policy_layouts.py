@@ -1,0 +1,175 @@
+"""One GRPO update through the Policy gives the same gradients and metrics under every parallel layout.
+
+Each layout runs `policy_update` (real megatron-core: DDP with fp32 main grads, the forward-backward schedule,
+pipeline stages over gloo) on the same batch and writes the whole gradient, gathered to HF names by the same
+export the weight sync uses, and the logged metrics. The layouts must agree with TP=1, PP=1, DP=1 (fp32, the
+tiny model with tied embeddings, whose gradient PP=2 splits between the first and last stage), and that one
+must equal the gradient of the token-level loss written out directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.distributed_helpers import run_distributed
+
+RELATIVE = 1e-5
+# Logged metrics, relative: the loss, entropy, clip fraction and token count are sums of the same numbers in
+# another order; the norm and mismatch figures come from gradients and log-probs equal to about 1e-7.
+TOLERANCES = {
+    "loss": 1e-6,
+    "entropy_mean": 1e-6,
+    "clip_fraction": 1e-6,
+    "packed_tokens": 0.0,
+    "microbatches": 0.0,
+    "grad_norm": 1e-5,
+    "mismatch_kl": 1e-4,
+    "mismatch_max_abs_diff": 1e-4,
+}
+# (prompt, response) lengths; sample 3 is not trained (masked), so the normaliser is not all the tokens.
+SHAPES = [(5, 17), (3, 40), (12, 70), (4, 9), (3, 60), (7, 22), (8, 35), (2, 9)]
+TRAINED = [True, True, True, False, True, True, True, True]
+
+
+def make_batch(vocab: int) -> SimpleNamespace:
+    gen = torch.Generator().manual_seed(0)
+    return SimpleNamespace(
+        prompts=[torch.randint(0, vocab, (p,), generator=gen).tolist() for p, _ in SHAPES],
+        responses=[torch.randint(0, vocab, (r,), generator=gen).tolist() for _, r in SHAPES],
+        trained=list(TRAINED),
+        advantages=torch.randn(len(SHAPES), generator=gen).tolist(),
+        # Rollout log-probs near the policy's own (a mismatch metric of about 0.01 to log).
+        rollout_logprobs=None,
+    )
+
+
+def config(budget: int):
+    from megatron_rl.config import load_config
+
+    return load_config(
+        None,
+        [
+            f"grpo.max_tokens_per_microbatch={budget}",
+            "grpo.micro_steps=1",
+            "optim.grad_clip=0",
+            "optim.lr=1e-3",
+            "optim.warmup_steps=0",
+            "rollout.temperature=0.8",
+            "rollout.max_prompt_tokens=16",
+            "rollout.max_response_tokens=80",
+        ],
+    )
+
+
+def gathered_grads(policy) -> dict[str, torch.Tensor]:
+    """The full gradient under HF names: each parameter's data swapped for its main grad during an export."""
+    params = policy.parameters()
+    saved = [p.data for p in params]
+    for p in params:
+        p.data = p.main_grad
+    try:
+        return {name: t.clone() for bucket in policy.hf_buckets() for name, t in bucket}
+    finally:
+        for p, data in zip(params, saved, strict=True):
+            p.data = data
+
+
+def reference_grads(policy, batch, cfg) -> dict[str, torch.Tensor]:
+    """d/dθ of -Σ_trained Σ_t A_i logp_t / (trained tokens), computed unpacked and unscheduled (ratio is 1 at
+    the first update, so this is the clipped loss's gradient)."""
+    from megatron_rl.algo.logprobs import response_logprobs
+
+    params = policy.parameters()
+    lps, _ = response_logprobs(policy.model, batch.prompts, batch.responses, cfg.rollout.temperature)
+    total = sum(len(r) for r, t in zip(batch.responses, batch.trained, strict=True) if t)
+    loss = (
+        -sum(a * lp.sum() for lp, a, t in zip(lps, batch.advantages, batch.trained, strict=True) if t) / total
+    )
+    grads = torch.autograd.grad(loss, params)
+    for p, g in zip(params, grads, strict=True):
+        p.main_grad.copy_(g)
+    return gathered_grads(policy)
+
+
+def _update(rank: int, world: int, model_dir: str, tp: int, pp: int, budgets: list[int], out: str) -> None:
+    from megatron_rl.algo.logprobs import response_logprobs
+    from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.train.optimizer import build_optimizer
+    from megatron_rl.train.update import policy_update
+
+    init_distributed(ParallelLayout(tp=tp, pp=pp), rank=rank, world_size=world)
+    results = {}
+    for budget in budgets:
+        policy = Policy.from_hf(model_dir)
+        cfg = config(budget)
+        batch = make_batch(policy.cfg.vocab_size)
+        if tp == pp == 1:
+            with torch.no_grad():  # what vLLM would have reported, give or take 0.01
+                lps, _ = response_logprobs(
+                    policy.model, batch.prompts, batch.responses, cfg.rollout.temperature
+                )
+            noise = torch.Generator().manual_seed(1)
+            batch.rollout_logprobs = [lp + 0.01 * torch.randn(lp.shape, generator=noise) for lp in lps]
+        else:
+            batch.rollout_logprobs = torch.load(Path(out).parent / "rollout_logprobs.pt")
+        reference = (
+            reference_grads(policy, batch, cfg) if world == 1 else None
+        )  # before the step moves weights
+        metrics = policy_update(policy, build_optimizer(policy, cfg.optim), batch, cfg, step=1)
+        results[budget] = {"metrics": metrics, "grads": gathered_grads(policy), "reference": reference}
+        if world == 1:
+            torch.save(batch.rollout_logprobs, Path(out).parent / "rollout_logprobs.pt")
+    if rank == 0:
+        torch.save(results, out)
+    shutdown()
+
+
+def relative_diff(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def assert_same(got: dict, want: dict, what: str) -> None:
+    assert sorted(got) == sorted(want), what
+    worst = max(relative_diff(got[n], want[n]) for n in want)
+    assert worst < RELATIVE, f"{what}: gradient differs by {worst:.2e} (relative L2)"
+
+
+@pytest.fixture(scope="module")
+def layouts(tiny_ckpt_gqa_tied, tmp_path_factory):
+    """Results per (tp, pp, dp): {budget: {"metrics", "grads"}}; the first run also writes the rollout
+    log-probs the others use, and its reference gradient."""
+    work = tmp_path_factory.mktemp("layouts")
+    runs = {(1, 1, 1): [4096, 100], (2, 1, 1): [100], (1, 2, 1): [100], (2, 2, 1): [100], (1, 1, 2): [100]}
+    results = {}
+    for (tp, pp, dp), budgets in runs.items():
+        out = str(work / f"tp{tp}_pp{pp}_dp{dp}.pt")
+        run_distributed(_update, tp * pp * dp, tiny_ckpt_gqa_tied, tp, pp, budgets, out)
+        results[(tp, pp, dp)] = torch.load(out)
+    return results
+
+
+def test_update_gradient_is_the_token_level_mean_whatever_the_packing(layouts):
+    one_microbatch, several = layouts[(1, 1, 1)][4096], layouts[(1, 1, 1)][100]
+    assert one_microbatch["metrics"]["microbatches"] == 1 and several["metrics"]["microbatches"] >= 3
+    # The reference divides by the trained tokens of the whole batch: a loss normalised per micro-batch (or
+    # over all tokens, trained or not) gives another gradient.
+    assert_same(
+        one_microbatch["grads"], one_microbatch["reference"], "one micro-batch vs the token-level loss"
+    )
+    assert_same(several["grads"], several["reference"], "several micro-batches vs the token-level loss")
+    assert max(g.abs().max() for g in several["reference"].values()) > 1e-3  # gradients with teeth
+
+
+@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)], ids=str)
+def test_update_gradient_and_metrics_equal_across_layouts(layouts, layout):
+    base, got = layouts[(1, 1, 1)][100], layouts[layout][100]
+    assert_same(got["grads"], base["grads"], f"(tp, pp, dp)={layout}")
+    for key, tolerance in TOLERANCES.items():
+        want, value = base["metrics"][key], got["metrics"][key]
+        assert abs(value - want) <= tolerance * abs(want), f"{key}: {value} at {layout}, {want} at (1, 1, 1)"
+    assert base["metrics"]["mismatch_kl"] > 0 and base["metrics"]["entropy_mean"] > 0.1
