@@ -1,6 +1,7 @@
 """End-to-end RL runs on the tiny config with real vLLM, real megatron-core and real math-verify.
 
 One short SFT (1-digit addition, so some sampled answers are right and advantages are non-zero), then GRPO.
+The kill/resume pair trains with the policy split into two pipeline stages (two ranks, gloo).
 """
 
 from __future__ import annotations
@@ -33,6 +34,43 @@ def _args(out: Path, name: str, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
+def _pipeline_args(out: Path, name: str, steps: int) -> list[str]:
+    """`_args` as a two-rank run with the policy in two pipeline stages (the engine on rank 0)."""
+    from megatron_rl.distributed import free_port
+
+    args = _args(out, name, steps)  # args[1:4]: "-m megatron_rl.cli train"
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+    ]
+    return [*launcher, *args[1:], "model.pipeline_parallel_size=2"]
+
+
+def kill_run(pid: int) -> None:
+    """SIGKILL a run we started: the launcher's session and those of its descendants (torchrun starts each rank
+    in a session of its own), never this test's own group."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    groups = set()
+    for proc in procs:
+        try:
+            groups.add(os.getpgid(proc.pid))
+        except ProcessLookupError:
+            pass
+    for group in groups - {os.getpgid(0), 0, 1}:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+PIPELINE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a small machine: one thread each
+
+
 def _last_per_step(run_dir: Path) -> dict[int, dict]:
     records = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -52,21 +90,23 @@ def _weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """The same 4-step config twice at once, so that each competes with the other for the CPU: "full" runs to
-    the end; "killed" gets SIGKILL as soon as its step-2 checkpoint is written. Returns (full run dir, its
-    result line, its stderr, killed run dir)."""
+    """The same 4-step config twice at once (PP=2, two ranks each), so that each competes with the other for
+    the CPU: "full" runs to the end; "killed" gets SIGKILL as soon as its step-2 checkpoint is written. Returns
+    (full run dir, its result line, its stderr, killed run dir)."""
     out = tmp_path_factory.mktemp("runs")
     with open(out / "full.out", "w") as stdout, open(out / "full.err", "w") as stderr:
-        full = subprocess.Popen(_args(out, "full", 4), stdout=stdout, stderr=stderr)
-    killed = subprocess.Popen(_args(out, "killed", 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # fmt: skip
+        full = subprocess.Popen(
+            _pipeline_args(out, "full", 4), stdout=stdout, stderr=stderr, env=PIPELINE_ENV
+        )
+    killed = subprocess.Popen(_pipeline_args(out, "killed", 4), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True, env=PIPELINE_ENV)  # fmt: skip
     latest = out / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 900
     try:
         while not latest.is_file() and killed.poll() is None and time.time() < deadline:
             time.sleep(0.2)
     finally:
-        os.killpg(killed.pid, signal.SIGKILL)  # our own session only: the run and its vLLM/reward workers
+        kill_run(killed.pid)
         killed.wait()
     assert full.wait(timeout=900) == 0, (out / "full.err").read_text()[-4000:]
     result = json.loads((out / "full.out").read_text().strip().splitlines()[-1])
@@ -80,7 +120,8 @@ def test_short_run_logs_every_metric(two_runs):
     assert sorted(records) == [1, 2, 3, 4]
     for r in records.values():
         assert REQUIRED_METRICS <= set(r), REQUIRED_METRICS - set(r)
-    assert records[1]["mismatch_max_abs_diff"] < 1e-5  # trainer recompute == vLLM's sampling logprobs (fp32)
+    # The trainer's recompute through two pipeline stages == vLLM's sampling log-probs (fp32).
+    assert records[1]["mismatch_max_abs_diff"] < 1e-5
     assert any(r["grad_norm"] > 0 for r in records.values())  # some groups had a learning signal
     assert (run_dir / "tensorboard").is_dir() and (run_dir / "sft_model" / "model.safetensors").is_file()
     final = run_dir / "final_model"
@@ -108,10 +149,11 @@ def test_kill_and_resume_matches_uninterrupted(two_runs):
     assert sft_record == json.loads((run_dir_full / "sft.json").read_text())
 
     resumed = subprocess.run(
-        [*_args(killed_dir.parent, killed_dir.name, 4), "--resume"],
+        [*_pipeline_args(killed_dir.parent, killed_dir.name, 4), "--resume"],
         capture_output=True,
         text=True,
         timeout=900,
+        env=PIPELINE_ENV,
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     again = _last_per_step(killed_dir)

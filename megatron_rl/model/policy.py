@@ -18,6 +18,7 @@ every rank), so the schedule is told to neither average over micro-batches nor o
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -294,6 +295,8 @@ class Policy:
 
 def wrap_data_parallel(model: torch.nn.Module) -> DistributedDataParallel:
     """Megatron-core's DDP around one stage, and the schedule hooks Megatron's training loop installs."""
+    # Its setup logs its whole config and every parameter of every bucket at INFO, on every rank.
+    logging.getLogger("megatron.core.distributed").setLevel(logging.WARNING)
     overlap = use_cuda()  # the overlap runs on a CUDA side stream; gloo on the CPU reduces after backward
     ddp = DistributedDataParallel(
         config=model.config,
