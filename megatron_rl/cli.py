@@ -207,6 +207,7 @@ BENCHMARKS: dict[str, str] = {
     "rewards": "Sandboxed code execution vs plain python3, and math-verify throughput.",
     "sync": "Weight sync Megatron -> vLLM: ms and MB/s for the tiny and a ~150M-parameter model.",
     "packing": "Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models.",
+    "update": "One policy-update step: Megatron schedule + DDP buckets vs per-parameter reduction, ~150M model.",
     "parity": "Log-probs of vLLM's samples: vLLM vs the trainer's recomputation, each vs a float64 reference.",
 }
 

@@ -207,6 +207,19 @@ class Placement:
 
 
 @dataclass
+class LayoutOption:
+    """One trainer layout (TP x PP) for the configured placement, as the memory model sees it."""
+
+    tp: int
+    pp: int
+    dp: int
+    training_peak_gib: float
+    peak_gib: float
+    pipeline_bubble: float  # idle fraction of each stage in a 1F1B step: (pp - 1) / (m + pp - 1)
+    fits: bool
+
+
+@dataclass
 class Plan:
     config: str
     model: str
@@ -218,6 +231,8 @@ class Plan:
     configured: Placement
     alternative: Placement | None
     notes: list[str]
+    layouts: list[LayoutOption] = field(default_factory=list)
+    suggested: LayoutOption | None = None
 
     @property
     def fits(self) -> bool:
@@ -435,6 +450,52 @@ def fitting_max_num_seqs(cfg: Config) -> int | None:
     return seqs
 
 
+def microbatches_per_rank(cfg: Config, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step when every sample has the maximum length
+    (the fewest: shorter samples pack more per micro-batch but the count per step is what fills the pipeline)."""
+    longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
+    per_microbatch = max(1, cfg.grpo.max_tokens_per_microbatch // longest)
+    samples = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    return max(1, math.ceil(samples / dp / per_microbatch))
+
+
+def layout_options(cfg: Config, shape: Qwen2Config) -> list[LayoutOption]:
+    """Every TP x PP the trainer could use with the configured placement: TP a power of two within a node that
+    divides the KV heads, PP a divisor of the layers, TP x PP dividing the training GPUs."""
+    c = cfg.cluster
+    options = []
+    for tp in (t for t in (1, 2, 4, 8) if t <= c.gpus_per_node and shape.num_key_value_heads % t == 0):
+        for pp in (q for q in range(1, shape.num_hidden_layers + 1) if shape.num_hidden_layers % q == 0):
+            trial = cfg.model_copy(deep=True)
+            trial.model.tensor_parallel_size, trial.model.pipeline_parallel_size = tp, pp
+            try:
+                placed = place(trial, shape, cfg.rollout.placement, cfg.rollout.engine_nodes)
+            except PlanError:
+                continue  # TP x PP does not divide the GPUs, or the shape refuses it
+            m = microbatches_per_rank(cfg, placed.train.dp)
+            options.append(
+                LayoutOption(
+                    tp,
+                    pp,
+                    placed.train.dp,
+                    placed.train.peak_gib,
+                    placed.peak_gib,
+                    (pp - 1) / (m + pp - 1),
+                    placed.fits,
+                )
+            )
+    return options
+
+
+def suggested_layout(options: list[LayoutOption]) -> LayoutOption | None:
+    """The layout the model prefers among those that fit: the least pipeline bubble, then the smallest TP x PP
+    (more data-parallel ranks: their gradient reduction overlaps backward, where TP adds two all-reduces of the
+    activations per layer and PP a bubble), then the smaller TP. The memory model says what fits; it has no
+    measured communication costs, so this is an ordering by structure, not a timing."""
+    fitting = [o for o in options if o.fits]
+    return min(fitting, key=lambda o: (round(o.pipeline_bubble, 3), o.tp * o.pp, o.tp), default=None)
+
+
 def make_plan(cfg: Config, config_name: str = "") -> Plan:
     shape, source = resolve_shape(cfg)
     c = cfg.cluster
@@ -468,6 +529,16 @@ def make_plan(cfg: Config, config_name: str = "") -> Plan:
             f"each engine runs {configured.rollout.concurrent_sequences} of its {share} sequences at once "
             f"(rollout.max_num_seqs); vLLM queues the rest"
         )
+    layouts = layout_options(cfg, shape)
+    suggested = suggested_layout(layouts)
+    if suggested is not None and (suggested.tp, suggested.pp) != (
+        cfg.model.tensor_parallel_size,
+        cfg.model.pipeline_parallel_size,
+    ):
+        notes.append(
+            f"layout: TP {suggested.tp} x PP {suggested.pp} also fits and comes first in the layout order "
+            "(see layouts)"
+        )
     return Plan(
         config=config_name,
         model=f"{source}: {total_params(shape) / 1e9:.2f}B parameters, {shape.num_hidden_layers} layers, "
@@ -480,6 +551,8 @@ def make_plan(cfg: Config, config_name: str = "") -> Plan:
         configured=configured,
         alternative=alternative,
         notes=notes,
+        layouts=layouts,
+        suggested=suggested,
     )
 
 
@@ -536,5 +609,16 @@ def format_plan(plan: Plan) -> str:
         lines += [f"{k:<{width}}  {v}" for k, v in _placement_rows(p)]
         lines += [f"  ! {reason}" for reason in p.reasons]
         lines.append("")
+    lines.append(
+        f"== trainer layouts ({plan.configured.placement}; bubble: 1F1B idle fraction at full-length samples)"
+    )
+    lines.append("  TP  PP  DP  training peak  peak/GPU  bubble  fits")
+    for o in plan.layouts:
+        mark = "  <- suggested" if o is plan.suggested else ""
+        lines.append(
+            f"  {o.tp:>2}  {o.pp:>2}  {o.dp:>2}  {o.training_peak_gib:9.1f} GiB  {o.peak_gib:6.1f}  {o.pipeline_bubble:6.1%}  "
+            f"{'yes' if o.fits else 'no'}{mark}"
+        )
+    lines.append("")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -20,7 +20,9 @@ from megatron_rl.plan import (
     ARCHITECTURES,
     GIB,
     PlanError,
+    format_plan,
     make_plan,
+    microbatches_per_rank,
     resolve_shape,
     rollout_memory,
     stage_params,
@@ -173,6 +175,27 @@ def test_every_curriculum_stage_fits(domain, model, stage):
     plan = make_plan(cfg)
     assert plan.fits, plan.configured.reasons
     assert plan.configured.peak_gib <= cfg.cluster.gpu_memory_gib
+    # The configured trainer layout is the one plan's layout order puts first among those that fit.
+    assert (plan.suggested.tp, plan.suggested.pp) == (
+        cfg.model.tensor_parallel_size,
+        cfg.model.pipeline_parallel_size,
+    )
+
+
+def test_layouts_weigh_pipeline_bubble_against_memory():
+    """The 14B stage 1: PP trades memory for a bubble of (pp - 1) / (m + pp - 1) with m micro-batches per rank;
+    a layout that does not fit is listed but never suggested."""
+    cfg = load_config(stage_config("math", "14b"))
+    plan = make_plan(cfg)
+    by_layout = {(o.tp, o.pp): o for o in plan.layouts}
+    tp2pp2, tp2pp1, tp4pp1 = by_layout[(2, 2)], by_layout[(2, 1)], by_layout[(4, 1)]
+    assert tp2pp2.fits and not tp2pp1.fits and tp4pp1.fits
+    assert tp2pp2.training_peak_gib < tp2pp1.training_peak_gib  # half the layers per stage
+    # 1024 samples of 9216 tokens, 3 per 34816-token micro-batch, over 16 data-parallel ranks: m = 22.
+    assert microbatches_per_rank(cfg, 16) == 22
+    assert tp2pp2.pipeline_bubble == pytest.approx(1 / 23) and tp4pp1.pipeline_bubble == 0
+    assert plan.suggested is tp4pp1
+    assert "trainer layouts" in format_plan(plan)
 
 
 def test_each_stage_runs_the_sequences_plan_says_its_kv_cache_holds():

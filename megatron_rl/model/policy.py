@@ -247,7 +247,7 @@ class Policy:
             for p in self.parameters()
             if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)
         ]
-        squares = torch.stack(torch._foreach_norm(counted)).double().pow(2).sum() if counted else None
+        squares = torch.stack(torch._foreach_norm(counted, dtype=torch.float64)).pow(2).sum() if counted else None
         total = squares.reshape(1) if squares is not None else torch.zeros(1, dtype=torch.float64)
         group = parallel_state.get_model_parallel_group()
         if dist.get_world_size(group) > 1:
