@@ -247,8 +247,14 @@ class Policy:
             for p in self.parameters()
             if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)
         ]
-        squares = torch.stack(torch._foreach_norm(counted, dtype=torch.float64)).pow(2).sum() if counted else None
-        total = squares.reshape(1) if squares is not None else torch.zeros(1, dtype=torch.float64)
+        squares = (
+            torch.stack(torch._foreach_norm(counted, dtype=torch.float64)).pow(2).sum() if counted else None
+        )
+        total = (
+            squares.reshape(1)
+            if squares is not None
+            else torch.zeros(1, dtype=torch.float64, device=device())
+        )
         group = parallel_state.get_model_parallel_group()
         if dist.get_world_size(group) > 1:
             dist.all_reduce(total, group=group)
@@ -265,8 +271,9 @@ class Policy:
         last stage has losses). Every rank must pass the same keys."""
         maxes = maxes or {}
         keys_sum, keys_max = sorted(sums), sorted(maxes)
-        summed = torch.tensor([float(sums[k]) for k in keys_sum], dtype=torch.float64)
-        maxed = torch.tensor([float(maxes[k]) for k in keys_max], dtype=torch.float64)
+        # On the collective's device: NCCL reduces CUDA tensors only.
+        summed = torch.tensor([float(sums[k]) for k in keys_sum], dtype=torch.float64, device=device())
+        maxed = torch.tensor([float(maxes[k]) for k in keys_max], dtype=torch.float64, device=device())
         for group in (self.dp_group, parallel_state.get_pipeline_model_parallel_group()):
             if dist.get_world_size(group) > 1:  # non-last stages hold zeros: summing over stages selects
                 if keys_sum:

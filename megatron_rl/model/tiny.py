@@ -125,6 +125,12 @@ def write_tiny_checkpoint(out_dir: str | Path, shape: TinyShape = TinyShape(), s
     )
     torch.manual_seed(seed)
     model = transformers.Qwen2ForCausalLM(config).to(torch.float32)
+    # HF's embedding leaves the pad token's row at zero (padding_idx) and the q/k/v biases start at zero, so a
+    # sequence that starts with the pad token would keep an all-zero hidden state through every layer, where each
+    # RMSNorm's backward multiplies by 1/sqrt(eps): gradients of ~1e27 at 12 layers (found by `bench update` on
+    # random tokens). The pad row gets random values like every other token's.
+    with torch.no_grad():
+        model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, shape.initializer_range)
     model.save_pretrained(out, safe_serialization=True)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.save_pretrained(out)
