@@ -8,14 +8,11 @@ in-process engine, and a 2-rank tensor-parallel `megatron-rl train` run with rol
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from megatron_rl.distributed import free_port
 from tests.distributed_helpers import run_distributed
 
 PROMPTS = [[5, 6, 7], [8, 9, 10], [11, 12], [13, 14, 15, 16], [17]]
@@ -85,16 +82,10 @@ def test_two_rank_train_with_two_engines_and_resume(tmp_path):
     vLLM's sampling log-probs still equal the trainer's recomputation (replicated parameters must stay identical
     across TP ranks, every push must reach both engines), and a resumed run gives the engines the checkpoint's
     weights."""
-    from tests.test_train_run import _args
+    from tests.test_train_run import PIPELINE_ENV as env
+    from tests.test_train_run import _args, torchrun
 
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = torchrun(2)
 
     def run(steps: int, *extra: str) -> subprocess.CompletedProcess:
         args = _args(tmp_path, "two", steps)  # args[1:4]: "-m megatron_rl.cli train"
