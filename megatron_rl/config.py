@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_math.yaml"
 
@@ -84,13 +84,26 @@ class RolloutCfg(Strict):
 class GRPOCfg(Strict):
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.28
-    kl_coef: float = 0.0  # k3 estimator against the starting policy's rollout logprobs when > 0
     overlong_filtering: bool = True  # responses cut at max length get no gradient
     dynamic_sampling: bool = False  # drop groups whose rewards are all equal, refill from more prompts
     max_refills: int = 3
     micro_steps: int = Field(1, ge=1)  # optimizer steps per rollout batch (1 = strictly on-policy)
     max_tokens_per_microbatch: int = 8192
     normalize_std: bool = True
+    # Correction for the gap between vLLM's sampling log-probs and the trainer's (algo/grpo.rollout_correction),
+    # with rho = p_trainer / p_rollout per token; 0 turns each off. tis_cap: weight each token's term by
+    # min(rho, tis_cap) (truncated importance sampling). mask_token_ratio / mask_sequence_ratio: leave out of the
+    # loss a sample with any token's rho, or the geometric mean of its rho, outside [1/bound, bound].
+    tis_cap: float = 0.0
+    mask_token_ratio: float = 0.0
+    mask_sequence_ratio: float = 0.0
+
+    @field_validator("tis_cap", "mask_token_ratio", "mask_sequence_ratio")
+    @classmethod
+    def _off_or_at_least_one(cls, value: float) -> float:
+        if value != 0 and value < 1:
+            raise ValueError("must be 0 (off) or at least 1 (a bound on a probability ratio)")
+        return value
 
 
 class OptimCfg(Strict):

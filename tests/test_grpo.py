@@ -10,6 +10,7 @@ from megatron_rl.algo.grpo import (
     informative_groups,
     logprob_mismatch,
     loss_mask,
+    rollout_correction,
 )
 
 
@@ -58,20 +59,18 @@ def test_loss_gradient_matches_fp64_reference():
     n = 64
     lp32 = (torch.randn(n, generator=gen) * 0.3 - 2).requires_grad_()
     old = lp32.detach() + torch.randn(n, generator=gen) * 0.2
-    ref = lp32.detach() + torch.randn(n, generator=gen) * 0.1
+    weights = torch.rand(n, generator=gen) * 2  # e.g. truncated importance weights
     adv = torch.randn(n, generator=gen)
     mask = (torch.rand(n, generator=gen) > 0.2).float()
-    args = dict(num_tokens=float(mask.sum()), clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.05)
-    loss32, _ = clipped_pg_loss(lp32, old, adv, mask, ref_logprobs=ref, **args)
+    args = dict(num_tokens=float(mask.sum()), clip_eps_low=0.2, clip_eps_high=0.28)
+    loss32, _ = clipped_pg_loss(lp32, old, adv, mask, weights=weights, **args)
     loss32.backward()
 
     lp64 = lp32.detach().double().requires_grad_()
     ratio = torch.exp(lp64 - old.double())
     a = adv.double()
     pg = -torch.minimum(ratio * a, torch.clamp(ratio, 0.8, 1.28) * a)
-    d = ref.double() - lp64
-    k3 = torch.exp(d) - 1 - d
-    loss64 = ((pg + 0.05 * k3) * mask.double()).sum() / mask.sum().double()
+    loss64 = (weights.double() * pg * mask.double()).sum() / mask.sum().double()
     loss64.backward()
     assert abs(loss32.item() - loss64.item()) < 1e-5
     assert torch.allclose(lp32.grad.double(), lp64.grad, atol=1e-6)
@@ -84,3 +83,50 @@ def test_logprob_mismatch_metric():
     m = logprob_mismatch(train, rollout, torch.tensor([1, 1, 0]))
     assert abs(m["mismatch_max_abs_diff"] - 0.5) < 1e-9
     assert m["mismatch_kl"] > 0
+    assert abs(m["mismatch_ratio_max"] - 1.6487212707) < 1e-6  # e^0.5
+    assert 1.0 < m["mismatch_ratio_p99"] <= m["mismatch_ratio_max"]
+
+
+def test_rollout_correction_is_the_identity_when_both_sides_agree():
+    """Equal log-probs: every weight is exactly 1 and nothing is masked, so the loss and its gradient are
+    bit-identical to the uncorrected ones."""
+    gen = torch.Generator().manual_seed(1)
+    lp = (torch.randn(12, generator=gen) - 2).requires_grad_()
+    adv, mask = torch.randn(12, generator=gen), torch.ones(12)
+    weights, keep, stats = rollout_correction(
+        lp.detach(), lp.detach().clone(), [(0, 5), (5, 12)], 2.0, 1.5, 1.2
+    )
+    assert torch.equal(weights, torch.ones(12)) and torch.equal(keep, torch.ones(12))
+    assert stats == {"masked_sequences": 0.0, "sequences": 2.0, "tis_clipped_tokens": 0.0}
+    args = dict(num_tokens=12.0, clip_eps_low=0.2, clip_eps_high=0.28)
+    plain, _ = clipped_pg_loss(lp, lp.detach(), adv, mask, **args)
+    (plain_grad,) = torch.autograd.grad(plain, lp)
+    corrected, _ = clipped_pg_loss(lp, lp.detach(), adv, mask * keep, weights=weights, **args)
+    (corrected_grad,) = torch.autograd.grad(corrected, lp)
+    assert torch.equal(plain, corrected) and torch.equal(plain_grad, corrected_grad)
+
+
+def test_rollout_correction_hand_computed():
+    """rho = p_trainer / p_rollout per token. Sample A (tokens 0-2): rho = 1, 3, 1/2 -> weights 1, 2 (capped),
+    1/2; its largest token ratio max(rho, 1/rho) is 3. Sample B (3-4): rho = 1.2, 1.2: geometric mean 1.2.
+    Sample C (5): rho = 1/4."""
+    import math
+
+    rollout = torch.full((6,), -2.0)
+    rho = torch.tensor([1.0, 3.0, 0.5, 1.2, 1.2, 0.25])
+    old = rollout + torch.log(rho)
+    spans = [(0, 3), (3, 5), (5, 6)]
+    weights, keep, stats = rollout_correction(old, rollout, spans, tis_cap=2.0)
+    assert torch.allclose(weights, torch.tensor([1.0, 2.0, 0.5, 1.2, 1.2, 0.25]))
+    assert stats["tis_clipped_tokens"] == 1.0 and torch.equal(keep, torch.ones(6))
+    # Token rule, bound 2.5: A (a token at 3) and C (a token at 1/4) go, B stays.
+    _, keep, stats = rollout_correction(old, rollout, spans, mask_token_ratio=2.5)
+    assert keep.tolist() == [0, 0, 0, 1, 1, 0] and stats["masked_sequences"] == 2.0
+    # Sequence rule, bound 1.1: A's geometric mean is (1 * 3 * 0.5) ** (1/3) = 1.145 -> out; B's 1.2 -> out;
+    # C's 0.25 -> out. Bound 1.16: A stays, B and C go.
+    _, keep, _ = rollout_correction(old, rollout, spans, mask_sequence_ratio=1.1)
+    assert keep.tolist() == [0, 0, 0, 0, 0, 0]
+    assert (1 * 3 * 0.5) ** (1 / 3) < 1.16 < 1.2
+    _, keep, _ = rollout_correction(old, rollout, spans, mask_sequence_ratio=1.16)
+    assert keep.tolist() == [1, 1, 1, 0, 0, 0]
+    assert math.isclose(math.exp(float((old - rollout)[0:3].mean())), 1.5 ** (1 / 3), rel_tol=1e-6)

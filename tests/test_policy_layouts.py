@@ -9,6 +9,7 @@ must equal the gradient of the token-level loss written out directly.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,22 +49,23 @@ def make_batch(vocab: int) -> SimpleNamespace:
     )
 
 
+def config_overrides(budget: int) -> list[str]:
+    return [
+        f"grpo.max_tokens_per_microbatch={budget}",
+        "grpo.micro_steps=1",
+        "optim.grad_clip=0",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=0",
+        "rollout.temperature=0.8",
+        "rollout.max_prompt_tokens=16",
+        "rollout.max_response_tokens=80",
+    ]
+
+
 def config(budget: int):
     from megatron_rl.config import load_config
 
-    return load_config(
-        None,
-        [
-            f"grpo.max_tokens_per_microbatch={budget}",
-            "grpo.micro_steps=1",
-            "optim.grad_clip=0",
-            "optim.lr=1e-3",
-            "optim.warmup_steps=0",
-            "rollout.temperature=0.8",
-            "rollout.max_prompt_tokens=16",
-            "rollout.max_response_tokens=80",
-        ],
-    )
+    return load_config(None, config_overrides(budget))
 
 
 def gathered_grads(policy) -> dict[str, torch.Tensor]:
@@ -197,3 +199,65 @@ def test_update_on_gpu_is_the_token_level_mean(tiny_ckpt_gqa_tied, tmp_path):
         relative_diff(result["grads"][n].cpu(), result["reference"][n].cpu()) for n in result["reference"]
     )
     assert worst < 1e-4, worst  # fp32 on the GPU: cuBLAS sums in another order than the reference's kernels
+
+
+def _corrections(rank: int, world: int, model_dir: str, out: str) -> None:
+    """policy_update with the rollout corrections, on rollout log-probs equal to the trainer's bit for bit
+    (recomputed through the same packed path) or with one sample pushed off."""
+    from megatron_rl.algo.packing import pack_microbatches, unpack_to_samples
+    from megatron_rl.config import load_config
+    from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.train.optimizer import build_optimizer
+    from megatron_rl.train.update import policy_update
+
+    init_distributed(ParallelLayout(), rank=rank, world_size=world)
+    corrections = ["grpo.tis_cap=2", "grpo.mask_token_ratio=2.5", "grpo.mask_sequence_ratio=1.5"]
+    cases = {  # name: (overrides, push sample 0 off by a token ratio of 3, zero advantage for sample 0)
+        "plain": ([], False, False),
+        "corrected": (corrections, False, False),
+        "masked": (corrections, True, False),
+        "zero_advantage": ([], False, True),
+    }
+    results = {}
+    for name, (overrides, push, zero) in cases.items():
+        policy = Policy.from_hf(model_dir)
+        cfg = load_config(None, [*config_overrides(100), *overrides])
+        batch = make_batch(policy.cfg.vocab_size)
+        mbs = pack_microbatches(batch.prompts, batch.responses, 100)
+        exact = unpack_to_samples(
+            [lp for lp, _ in policy.forward_logprobs(mbs, cfg.rollout.temperature)], mbs
+        )
+        batch.rollout_logprobs = [exact[i].clone() for i in range(len(SHAPES))]
+        if push:
+            batch.rollout_logprobs[0][3] -= math.log(3.0)  # p_trainer / p_rollout = 3 at one token
+        if zero:
+            batch.advantages[0] = 0.0
+        metrics = policy_update(policy, build_optimizer(policy, cfg.optim), batch, cfg, step=1)
+        results[name] = {"metrics": metrics, "weights": [p.detach().clone() for p in policy.parameters()]}
+    torch.save(results, out)
+    shutdown()
+
+
+def test_rollout_corrections_in_the_update(tiny_ckpt_gqa_tied, tmp_path):
+    out = str(tmp_path / "corrections.pt")
+    run_distributed(_corrections, 1, tiny_ckpt_gqa_tied, out)
+    r = torch.load(out)
+    # Equal log-probs on both sides: the corrected update is the plain one, bit for bit.
+    assert r["corrected"]["metrics"]["mismatch_max_abs_diff"] == 0.0
+    assert all(
+        torch.equal(a, b) for a, b in zip(r["plain"]["weights"], r["corrected"]["weights"], strict=True)
+    )
+    assert r["corrected"]["metrics"]["tis_clipped_fraction"] == 0.0
+    assert r["corrected"]["metrics"]["masked_sequence_fraction"] == 0.0
+    # One token at ratio 3: sample 0 leaves the loss (token rule 2.5; a masked sample weighs like a zero
+    # advantage), one token of 8 samples' responses is above the TIS cap.
+    masked = r["masked"]["metrics"]
+    assert masked["masked_sequence_fraction"] == 1 / len(SHAPES)
+    assert masked["tis_clipped_fraction"] == 1 / sum(n for _, n in SHAPES)
+    assert masked["mismatch_ratio_max"] == pytest.approx(3.0, rel=1e-5)
+    for a, b in zip(r["masked"]["weights"], r["zero_advantage"]["weights"], strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-7)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(r["masked"]["weights"], r["plain"]["weights"], strict=True)
+    )

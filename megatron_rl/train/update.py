@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_rl.algo.grpo import clipped_pg_loss, mismatch_metrics, mismatch_partials
+from megatron_rl.algo.grpo import clipped_pg_loss, mismatch_metrics, mismatch_partials, rollout_correction
 from megatron_rl.algo.packing import pack_microbatches, pack_values, unpack_to_samples
 from megatron_rl.train.optimizer import lr_at
 
@@ -27,7 +27,7 @@ def policy_update(policy, optimizer, batch, cfg, step: int) -> dict[str, float]:
     for group in optimizer.param_groups:  # a function of the RL step only, so a resumed run continues exactly
         group["lr"] = lr
     policy.train()
-    temperature = cfg.rollout.temperature
+    temperature, g = cfg.rollout.temperature, cfg.grpo
     microbatches = pack_microbatches(
         batch.prompts,
         batch.responses,
@@ -45,26 +45,28 @@ def policy_update(policy, optimizer, batch, cfg, step: int) -> dict[str, float]:
     def loss_fn(mb, logprobs: torch.Tensor, entropy: torch.Tensor):
         dev = logprobs.device
         scored = mb.loss_mask.to(dev)
-        mask = pack_values(trained, mb).to(dev) * scored
         rollout = pack_values(batch.rollout_logprobs, mb).to(dev)
         old = pack_values(old_logprobs, mb).to(dev) if old_logprobs else logprobs.detach()
+        # Masked samples still count in num_tokens: they weigh in like samples with a zero advantage.
+        weights, keep, correction = rollout_correction(
+            old, rollout, mb.response_spans, g.tis_cap, g.mask_token_ratio, g.mask_sequence_ratio
+        )
         loss, stats = clipped_pg_loss(
             logprobs,
             old,
             advantages=pack_values(batch.advantages, mb).to(dev),
-            mask=mask,
+            mask=pack_values(trained, mb).to(dev) * scored * keep,
             num_tokens=num_tokens,
-            clip_eps_low=cfg.grpo.clip_eps_low,
-            clip_eps_high=cfg.grpo.clip_eps_high,
-            kl_coef=cfg.grpo.kl_coef,
-            ref_logprobs=rollout if cfg.grpo.kl_coef > 0 else None,
+            clip_eps_low=g.clip_eps_low,
+            clip_eps_high=g.clip_eps_high,
+            weights=weights,
         )
         sums, maxima = mismatch_partials(logprobs, rollout, scored)
         stats = {
             "loss": float(loss.detach()),
             "entropy_sum": float((entropy.detach() * scored).sum()),
             "clipped_tokens": stats["clipped_tokens"],
-            "kl_ref": stats.get("kl_ref", 0.0),
+            **correction,
             **sums,
             **maxima,
         }
@@ -77,17 +79,25 @@ def policy_update(policy, optimizer, batch, cfg, step: int) -> dict[str, float]:
         norm = policy.clip_grads(cfg.optim.grad_clip)
         optimizer.step()
         if micro_step == 0:
-            metrics = summarise(policy, microbatches, per_microbatch, num_tokens, norm, cfg.grpo.kl_coef)
+            metrics = summarise(policy, microbatches, per_microbatch, num_tokens, norm, g)
     metrics["lr"] = lr
     return metrics
 
 
-SUMMED = ("loss", "entropy_sum", "clipped_tokens", "kl_ref", "mismatch_k3_sum", "mismatch_tokens")
+SUMMED = (
+    "loss",
+    "entropy_sum",
+    "clipped_tokens",
+    "mismatch_k3_sum",
+    "mismatch_tokens",
+    "tis_clipped_tokens",
+    "masked_sequences",
+    "sequences",
+)
+MAXIMISED = ("mismatch_max_abs_diff", "mismatch_ratio_p99")
 
 
-def summarise(
-    policy, microbatches, per_microbatch: list[dict], num_tokens: float, norm: float, kl_coef: float
-):
+def summarise(policy, microbatches, per_microbatch: list[dict], num_tokens: float, norm: float, grpo):
     """The logged metrics of one update from this rank's per-micro-batch stats (present on the last pipeline
     stage only), totalled over the batch."""
     sums = {key: sum(s[key] for s in per_microbatch) for key in SUMMED}
@@ -96,7 +106,7 @@ def summarise(
     sums["microbatches"] = float(len(microbatches))
     if not policy.is_last_stage:  # the stats live on the last stage; counts are added once, from there
         sums = dict.fromkeys(sums, 0.0)
-    worst = {"mismatch_max_abs_diff": max((s["mismatch_max_abs_diff"] for s in per_microbatch), default=0.0)}
+    worst = {key: max((s[key] for s in per_microbatch), default=0.0) for key in MAXIMISED}
     totals = policy.batch_totals(sums, worst)
     metrics = {
         "loss": totals["loss"],
@@ -107,6 +117,8 @@ def summarise(
         "packed_tokens": totals["packed_tokens"],
         **mismatch_metrics(totals, totals),
     }
-    if kl_coef > 0:
-        metrics["kl_ref"] = totals["kl_ref"] / num_tokens
+    if grpo.tis_cap:
+        metrics["tis_clipped_fraction"] = totals["tis_clipped_tokens"] / max(1.0, totals["scored_tokens"])
+    if grpo.mask_token_ratio or grpo.mask_sequence_ratio:
+        metrics["masked_sequence_fraction"] = totals["masked_sequences"] / max(1.0, totals["sequences"])
     return metrics
