@@ -191,13 +191,18 @@ def reward_cmd(
     workers: int | None = None,
     timeout: float | None = None,
     unsafe_no_sandbox: Annotated[bool, typer.Option("--unsafe-no-sandbox")] = False,
+    require_think: Annotated[
+        bool,
+        typer.Option("--require-think", help="a response without </think> scores 0 (thinking templates)"),
+    ] = False,
 ) -> None:
-    """Score a JSONL file of responses: one JSON line per row, then a summary line."""
+    """Score a JSONL file of responses: one JSON line per row, then a summary line. A row may carry
+    "finish_reason": "length"; cut off before any </think>, it scores 0 as in training."""
     from megatron_rl.rewards.cli import reward_main
 
     if kind not in ("math", "code"):
         _fail(f"KIND must be 'math' or 'code', got '{kind}'")
-    raise typer.Exit(reward_main(kind, str(input_path), workers, timeout, unsafe_no_sandbox))
+    raise typer.Exit(reward_main(kind, str(input_path), workers, timeout, unsafe_no_sandbox, require_think))
 
 
 # `megatron-rl bench NAME ARGS...` runs main(ARGS) of megatron_rl.bench.NAME; each parses its own arguments

@@ -309,3 +309,37 @@ def test_reward_command(tmp_path, capsys) -> None:
     assert [line["reward"] for line in lines[:-1]] == [1.0, 1.0, 0.0, 0.0]
     assert "error" in lines[3] and lines[-1]["correct"] == 2
     assert reward_main("code", str(tmp_path / "missing.jsonl")) == 2
+
+
+def test_reward_command_applies_the_truncation_rule(tmp_path, capsys) -> None:
+    """The issue's cases: a response cut at the length limit mid-thought scores 0 even with the right box; a
+    finished one scores 1, also when it was cut after closing its reasoning; --require-think zeroes a response
+    that never closed it. Code rows follow the same rule."""
+    rows = [
+        {"response": r"<think>... maybe \boxed{5}, but wait, let me recheck the case n=", "answer": "5",
+         "finish_reason": "length"},
+        {"response": r"<think>5</think> The answer is \boxed{5}.", "answer": "5", "finish_reason": "stop"},
+        {"response": r"<think>5</think> The answer is \boxed{5}. Also", "answer": "5", "finish_reason": "length"},
+        {"response": r"The answer is \boxed{5}.", "answer": "5"},
+    ]  # fmt: skip
+    path = tmp_path / "truncated.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert reward_main("math", str(path), workers=1) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["reward"] for line in lines[:-1]] == [0.0, 1.0, 1.0, 1.0]
+    assert lines[0]["why"].startswith("unfinished") and lines[-1]["unfinished"] == 1
+    assert reward_main("math", str(path), workers=1, require_think=True) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["reward"] for line in lines[:-1]] == [0.0, 1.0, 1.0, 0.0]
+
+    code = tmp_path / "code.jsonl"
+    cut = {
+        "response": "<think>try " + fenced(SUM_STDIN, think=False),
+        "tests": SUM_TESTS,
+        "finish_reason": "length",
+    }
+    done = {"response": fenced(SUM_STDIN), "tests": SUM_TESTS, "finish_reason": "stop"}
+    code.write_text(json.dumps(cut) + "\n" + json.dumps(done) + "\n")
+    assert reward_main("code", str(code), workers=1, timeout=3.0) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["reward"] for line in lines[:-1]] == [0.0, 1.0]

@@ -3,6 +3,9 @@
 Rows: {"response", "answer"} for math; {"response", "tests", "fn_name"?, "float_tolerance"?} for code, where
 tests are LiveCodeBench test cases (a list or its JSON text). A row that cannot be read scores 0 with an
 "error" field; it does not stop the run.
+
+The trainer's truncation rule applies: a row with "finish_reason": "length" and no `</think>` in its response
+scores 0 ("unfinished") without being graded; with `--require-think`, so does any response without `</think>`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from typing import Any
 
 from megatron_rl.rewards.code_reward import parse_tests
+from megatron_rl.rewards.math_grader import unfinished_response
 from megatron_rl.rewards.pool import RewardPool
 from megatron_rl.rewards.sandbox import INSTALL_HINT, SandboxUnavailable, find_bwrap
 
@@ -42,13 +46,26 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _score_math(pool: RewardPool, rows: list, timeout: float | None) -> list[dict]:
+UNFINISHED = {"reward": 0.0, "why": "unfinished: no </think> (cut at the length limit, or --require-think)"}
+
+
+def _unfinished(row: dict, require_think: bool) -> bool:
+    reason = row.get("finish_reason")
+    return unfinished_response(row["response"], reason if isinstance(reason, str) else None, require_think)
+
+
+def _score_math(
+    pool: RewardPool, rows: list, timeout: float | None, require_think: bool = False
+) -> list[dict]:
     out: list[dict] = [{} for _ in rows]
     todo, responses, answers = [], [], []
     for i, (row, error) in enumerate(rows):
         response, answer = (_text(row.get("response")), _text(row.get("answer"))) if row else (None, None)
         if error or response is None or answer is None:
             out[i] = {"reward": 0.0, "error": error or "row needs string fields response and answer"}
+            continue
+        if _unfinished(row, require_think):
+            out[i] = dict(UNFINISHED)
             continue
         todo.append(i)
         responses.append(response)
@@ -58,7 +75,9 @@ def _score_math(pool: RewardPool, rows: list, timeout: float | None) -> list[dic
     return out
 
 
-def _score_code(pool: RewardPool, rows: list, timeout: float | None) -> list[dict]:
+def _score_code(
+    pool: RewardPool, rows: list, timeout: float | None, require_think: bool = False
+) -> list[dict]:
     out: list[dict] = [{} for _ in rows]
     todo, responses, tests = [], [], []
     for i, (row, error) in enumerate(rows):
@@ -72,6 +91,10 @@ def _score_code(pool: RewardPool, rows: list, timeout: float | None) -> list[dic
                 error = f"bad tests: {str(e)[:200]}"
         if error:
             out[i] = {"reward": 0.0, "error": error}
+            continue
+        if _unfinished(row, require_think):
+            tests.pop()
+            out[i] = dict(UNFINISHED)
             continue
         todo.append(i)
         responses.append(row["response"])
@@ -89,6 +112,7 @@ def reward_main(
     workers: int | None = None,
     timeout: float | None = None,
     unsafe_no_sandbox: bool = False,
+    require_think: bool = False,
 ) -> int:
     """Score INPUT.jsonl; print one JSON line per row and a summary line. Returns the exit code."""
     if kind not in ("math", "code"):
@@ -110,7 +134,7 @@ def reward_main(
     started = time.monotonic()
     try:
         with RewardPool(workers, allow_unsandboxed=unsafe_no_sandbox) as pool:
-            scored = (_score_math if kind == "math" else _score_code)(pool, rows, timeout)
+            scored = (_score_math if kind == "math" else _score_code)(pool, rows, timeout, require_think)
     except SandboxUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -124,6 +148,7 @@ def reward_main(
         "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0,
         "correct": int(sum(rewards)),
         "errors": sum(1 for r in scored if "error" in r),
+        "unfinished": sum(1 for r in scored if r.get("why") == UNFINISHED["why"]),
         "seconds": round(time.monotonic() - started, 3),
     }
     print(json.dumps(summary), flush=True)
@@ -139,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--unsafe-no-sandbox", action="store_true", help="run code without bubblewrap if missing"
     )
+    parser.add_argument(
+        "--require-think",
+        action="store_true",
+        help="a response without </think> scores 0 (thinking templates)",
+    )
     args = parser.parse_args(argv)
-    return reward_main(args.kind, args.input, args.workers, args.timeout, args.unsafe_no_sandbox)
+    return reward_main(
+        args.kind, args.input, args.workers, args.timeout, args.unsafe_no_sandbox, args.require_think
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,17 @@ from fractions import Fraction
 from typing import Any
 
 THINK_END = "</think>"
+
+
+def unfinished_response(text: str, finish_reason: str | None, require_think: bool = False) -> bool:
+    """Whether a response scores 0 without being graded: cut off at the length limit before its reasoning
+    closed (no `</think>`), or, with `require_think`, one that never closed its reasoning at all. A box or code
+    block in such a response was written mid-thought, not the answer the model committed to."""
+    if THINK_END in text:
+        return False
+    return finish_reason == "length" or require_think
+
+
 BOXED = "\\boxed"
 # Longer boxed contents are not answers, and parsing them would only burn the time budget.
 MAX_ANSWER_CHARS = 1000

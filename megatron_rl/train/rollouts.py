@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron_rl.algo.grpo import group_advantages, informative_groups, loss_mask
 from megatron_rl.config import ConfigError
 from megatron_rl.data.prompts import render_prompt
-from megatron_rl.rewards.math_grader import THINK_END
+from megatron_rl.rewards.math_grader import unfinished_response
 from megatron_rl.rollout.fanout import slices
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def next_problems(dataset, data_position: int, count: int, tokenizer, cfg) -> tu
 def unfinished(sample) -> bool:
     """Cut off at the length limit before its reasoning closed (no </think>): a \\boxed{} or code block in it is
     a guess made mid-thought, not the answer the model committed to, so it scores 0 whatever it holds."""
-    return sample.finish_reason == "length" and THINK_END not in sample.text
+    return unfinished_response(sample.text, sample.finish_reason)
 
 
 def score(pool, samples: list, problems: list, cfg) -> list[float]:
