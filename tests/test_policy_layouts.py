@@ -98,37 +98,40 @@ def reference_grads(policy, batch, cfg) -> dict[str, torch.Tensor]:
     return gathered_grads(policy)
 
 
-def _update(rank: int, world: int, model_dir: str, tp: int, pp: int, budgets: list[int], out: str) -> None:
+def _update(rank: int, world: int, model_dir: str, layouts: list, budgets: list[int], out_dir: str) -> None:
+    """One update per budget under each (tp, pp) of `layouts` in turn (data-parallel over the rest of the
+    world); rank 0 writes OUT_DIR/tp{tp}_pp{pp}_dp{dp}.pt. A one-rank run also writes the rollout log-probs
+    every other run uses, and the reference gradient."""
     from megatron_rl.algo.logprobs import response_logprobs
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.optimizer import build_optimizer
     from megatron_rl.train.update import policy_update
 
-    init_distributed(ParallelLayout(tp=tp, pp=pp), rank=rank, world_size=world)
-    results = {}
-    for budget in budgets:
-        policy = Policy.from_hf(model_dir)
-        cfg = config(budget)
-        batch = make_batch(policy.cfg.vocab_size)
-        if tp == pp == 1:
-            with torch.no_grad():  # what vLLM would have reported, give or take 0.01
-                lps, _ = response_logprobs(
-                    policy.model, batch.prompts, batch.responses, cfg.rollout.temperature
-                )
-            noise = torch.Generator().manual_seed(1)
-            batch.rollout_logprobs = [lp + 0.01 * torch.randn(lp.shape, generator=noise) for lp in lps]
-        else:
-            batch.rollout_logprobs = torch.load(Path(out).parent / "rollout_logprobs.pt")
-        reference = (
-            reference_grads(policy, batch, cfg) if world == 1 else None
-        )  # before the step moves weights
-        metrics = policy_update(policy, build_optimizer(policy, cfg.optim), batch, cfg, step=1)
-        results[budget] = {"metrics": metrics, "grads": gathered_grads(policy), "reference": reference}
-        if world == 1:
-            torch.save(batch.rollout_logprobs, Path(out).parent / "rollout_logprobs.pt")
-    if rank == 0:
-        torch.save(results, out)
+    shared = Path(out_dir) / "rollout_logprobs.pt"
+    for tp, pp in layouts:
+        init_distributed(ParallelLayout(tp=tp, pp=pp), rank=rank, world_size=world)
+        results = {}
+        for budget in budgets:
+            policy = Policy.from_hf(model_dir)
+            cfg = config(budget)
+            batch = make_batch(policy.cfg.vocab_size)
+            if world == 1:
+                with torch.no_grad():  # what vLLM would have reported, give or take 0.01
+                    lps, _ = response_logprobs(
+                        policy.model, batch.prompts, batch.responses, cfg.rollout.temperature
+                    )
+                noise = torch.Generator().manual_seed(1)
+                batch.rollout_logprobs = [lp + 0.01 * torch.randn(lp.shape, generator=noise) for lp in lps]
+                torch.save(batch.rollout_logprobs, shared)
+            else:
+                batch.rollout_logprobs = torch.load(shared)
+            # The reference before the step moves the weights.
+            reference = reference_grads(policy, batch, cfg) if world == 1 else None
+            metrics = policy_update(policy, build_optimizer(policy, cfg.optim), batch, cfg, step=1)
+            results[budget] = {"metrics": metrics, "grads": gathered_grads(policy), "reference": reference}
+        if rank == 0:
+            torch.save(results, Path(out_dir) / f"tp{tp}_pp{pp}_dp{world // (tp * pp)}.pt")
     shutdown()
 
 
@@ -144,19 +147,19 @@ def assert_same(got: dict, want: dict, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def layouts(tiny_ckpt_gqa_tied, tmp_path_factory):
-    """Results per (tp, pp, dp): {budget: {"metrics", "grads"}}; the first run also writes the rollout
-    log-probs the others use, and its reference gradient."""
+    """Results per (tp, pp, dp): {budget: {"metrics", "grads", "reference"}}. One rank (two budgets), then four
+    ranks laid out as TP2 x PP2, TP2 x DP2, PP2 x DP2 and DP4 in turn."""
     work = tmp_path_factory.mktemp("layouts")
-    runs = {(1, 1, 1): [4096, 100], (2, 1, 1): [100], (1, 2, 1): [100], (2, 2, 1): [100], (1, 1, 2): [100]}
-    results = {}
     # On the CPU with gloo, on a GPU machine too: one GPU cannot host four NCCL ranks.
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        for (tp, pp, dp), budgets in runs.items():
-            out = str(work / f"tp{tp}_pp{pp}_dp{dp}.pt")
-            run_distributed(_update, tp * pp * dp, tiny_ckpt_gqa_tied, tp, pp, budgets, out)
-            results[(tp, pp, dp)] = torch.load(out)
+        run_distributed(_update, 1, tiny_ckpt_gqa_tied, [(1, 1)], [4096, 100], str(work))
+        run_distributed(_update, 4, tiny_ckpt_gqa_tied, [(2, 2), (2, 1), (1, 2), (1, 1)], [100], str(work))
+        results = {
+            tuple(int(part[2:]) for part in path.stem.split("_")): torch.load(path)
+            for path in work.glob("tp*_pp*_dp*.pt")
+        }
     finally:
         if hidden is None:
             del os.environ["CUDA_VISIBLE_DEVICES"]
@@ -177,7 +180,7 @@ def test_update_gradient_is_the_token_level_mean_whatever_the_packing(layouts):
     assert max(g.abs().max() for g in several["reference"].values()) > 1e-3  # gradients with teeth
 
 
-@pytest.mark.parametrize("layout", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)], ids=str)
+@pytest.mark.parametrize("layout", [(2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)], ids=str)
 def test_update_gradient_and_metrics_equal_across_layouts(layouts, layout):
     base, got = layouts[(1, 1, 1)][100], layouts[layout][100]
     assert_same(got["grads"], base["grads"], f"(tp, pp, dp)={layout}")
@@ -192,9 +195,8 @@ def test_update_gradient_and_metrics_equal_across_layouts(layouts, layout):
 def test_update_on_gpu_is_the_token_level_mean(tiny_ckpt_gqa_tied, tmp_path):
     """On a GPU the same update goes through DDP with the gradient reduction overlapped with backward (a side
     stream); its gradient is still the token-level loss's."""
-    out = str(tmp_path / "gpu.pt")
-    run_distributed(_update, 1, tiny_ckpt_gqa_tied, 1, 1, [100], out)
-    result = torch.load(out)[100]
+    run_distributed(_update, 1, tiny_ckpt_gqa_tied, [(1, 1)], [100], str(tmp_path))
+    result = torch.load(tmp_path / "tp1_pp1_dp1.pt")[100]
     worst = max(
         relative_diff(result["grads"][n].cpu(), result["reference"][n].cpu()) for n in result["reference"]
     )
