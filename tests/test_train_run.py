@@ -34,19 +34,23 @@ def _args(out: Path, name: str, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _pipeline_args(out: Path, name: str, steps: int) -> list[str]:
-    """`_args` as a two-rank run with the policy in two pipeline stages (the engine on rank 0)."""
+def torchrun(ranks: int) -> list[str]:
+    """The launcher of a `ranks`-process run on this machine, on a free port."""
     from megatron_rl.distributed import free_port
 
-    args = _args(out, name, steps)  # args[1:4]: "-m megatron_rl.cli train"
-    launcher = [
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={ranks}",
         f"--master_port={free_port()}",
     ]
-    return [*launcher, *args[1:], "model.pipeline_parallel_size=2"]
+
+
+def _pipeline_args(out: Path, name: str, steps: int) -> list[str]:
+    """`_args` as a two-rank run with the policy in two pipeline stages (the engine on rank 0)."""
+    args = _args(out, name, steps)  # args[1:4]: "-m megatron_rl.cli train"
+    return [*torchrun(2), *args[1:], "model.pipeline_parallel_size=2"]
 
 
 def kill_run(pid: int) -> None:
