@@ -69,7 +69,7 @@ def run(
 
     init_distributed(ParallelLayout(tp=tp, pp=1), rank=rank, world_size=world)
     policy = Policy.from_hf(model_dir, transform=perturb)
-    policy.model.eval()
+    policy.eval()
     engine = None
     if rank == 0:
         from megatron_rl.rollout.vllm_engine import VLLMEngine

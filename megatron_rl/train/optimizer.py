@@ -100,7 +100,7 @@ class PolicyOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None) -> None:
         for i, m in self.master.items():
-            m.grad = _main_grad(self.model_params[i])  # an fp32 view, no copy
+            m.grad = self.model_params[i].main_grad  # the policy's fp32 buffer (a view, no copy)
         self.inner.step()
         for i, m in self.master.items():
             if m is not self.model_params[i]:
@@ -144,11 +144,6 @@ class PolicyOptimizer(torch.optim.Optimizer):
         if self.group is not None:  # every rank's weights from their owners' masters
             for p, src in zip(self.model_params, self.src, strict=True):
                 dist.broadcast(p.data, src=src, group=self.group)
-
-
-def _main_grad(p: torch.nn.Parameter) -> torch.Tensor | None:
-    grad = getattr(p, "main_grad", None)
-    return (p.grad.float() if p.grad is not None else None) if grad is None else grad
 
 
 def build_optimizer(policy, cfg: OptimCfg) -> PolicyOptimizer:
