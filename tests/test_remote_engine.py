@@ -283,6 +283,18 @@ def test_engine_key_is_created_once_and_private(tmp_path, monkeypatch):
     assert engine_key(tmp_path / "new") == b"from the environment"
 
 
+def test_engine_key_asked_by_many_threads_at_once_is_one_key(tmp_path, monkeypatch):
+    """connect_engines asks for the key from one thread per engine; each round starts from an empty directory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for round_ in range(20):
+            keys = set(pool.map(engine_key, [tmp_path / str(round_)] * 8))
+            assert len(keys) == 1, keys
+            assert [p.name for p in (tmp_path / str(round_)).iterdir()] == ["engine.key"]
+
+
 def test_loopback_broadcast_host_is_refused_for_an_engine_elsewhere():
     engine = RemoteEngine.__new__(RemoteEngine)  # only the address check, no server
     engine.address, engine.broadcast_host = ("node7.cluster", 40000), "127.0.0.1"

@@ -75,8 +75,9 @@ def engine_key(rendezvous_dir: str | os.PathLike) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         # Written in full under a private name, then linked into place: link fails if another process won
-        # the race, and a reader never sees a half-written key.
-        tmp = path.with_name(f".engine.key.{socket.gethostname()}.{os.getpid()}")
+        # the race, and a reader never sees a half-written key. The name is private to this thread too
+        # (connect_engines asks from one thread per engine).
+        tmp = path.with_name(f".engine.key.{socket.gethostname()}.{os.getpid()}.{threading.get_native_id()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))
