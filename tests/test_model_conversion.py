@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,6 +19,7 @@ def _check_model(rank: int, world: int, model_dir: str, tp: int, pp: int) -> Non
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
     from megatron_rl.model.convert import SafetensorsCheckpoint
     from megatron_rl.model.policy import Policy
+    from megatron_rl.train.rl import save_hf_checkpoint
 
     init_distributed(ParallelLayout(tp=tp, pp=pp), rank=rank, world_size=world)
     policy = Policy.from_hf(model_dir)
@@ -32,7 +36,22 @@ def _check_model(rank: int, world: int, model_dir: str, tp: int, pp: int) -> Non
     for name, tensor in exported.items():
         assert torch.equal(tensor, ckpt.get(name)), f"{name} differs after the round trip"
 
-    # 2. Logits equal transformers' Qwen2 on the same checkpoint (fp32).
+    # 2. Streamed: when a bucket is sent, no tensor of an earlier bucket is alive (each is gathered, pushed and
+    # freed in turn), and the manifest from the config is what is produced.
+    _check_streamed_push(policy)
+
+    # 3. The HF checkpoint is written bucket by bucket: shards and an index, the same tensors.
+    out = Path(model_dir).parent / f"saved-tp{tp}-pp{pp}"
+    save_hf_checkpoint(policy, out, bucket_bytes=400_000)
+    if rank == 0:
+        saved = SafetensorsCheckpoint(out)
+        assert (out / "model.safetensors.index.json").is_file() and len(set(saved.file_of.values())) > 2
+        assert set(saved.file_of) == expected
+        for name in expected:
+            assert torch.equal(saved.get(name), ckpt.get(name)), f"{name} differs in the saved checkpoint"
+    dist.barrier()
+
+    # 4. Logits equal transformers' Qwen2 on the same checkpoint (fp32).
     if pp == 1:
         hf = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         gen = torch.Generator().manual_seed(0)
@@ -52,6 +71,22 @@ def _check_model(rank: int, world: int, model_dir: str, tp: int, pp: int) -> Non
         assert diff < 1e-4, f"max |megatron - transformers| logits = {diff}"
         assert reference.std() > 0.5  # the checkpoint's logits are far from flat: the check has teeth
     shutdown()
+
+
+def _check_streamed_push(policy) -> None:
+    from megatron_rl.rollout.weight_sync import WeightPush, WeightStream, push_stream
+
+    sent: list[list[weakref.ref]] = []
+
+    def send_bucket(slot, bucket, checksums):
+        alive = [r for earlier in sent for r in earlier if r() is not None]
+        assert not alive, f"{len(alive)} tensor(s) of earlier buckets still alive at bucket {len(sent)}"
+        sent.append([weakref.ref(t) for _, t in bucket])
+        return [checksums]
+
+    push = WeightPush(lambda method, *args: {"reload_s": 0.0}, send_bucket, "test", lambda e: e)
+    [report] = push_stream([push], WeightStream(policy.hf_manifest(), policy.hf_buckets(50_000)))
+    assert len(sent) > 3 and report.tensors == len(policy.hf_manifest())
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])

@@ -182,7 +182,7 @@ def test_wrong_tensor_is_refused_by_name_and_the_server_stays_up(engine, tiny_ck
     with pytest.raises(
         RemoteEngineError, match=rf"rollout engine at {engine.address[0]}:\d+ .*deserializing"
     ):
-        engine._call("mrl_load_bucket", b"not safetensors")
+        engine._call("mrl_load_bucket", b"not safetensors", {})
     assert [s.logprobs for s in _sample(engine)] == [s.logprobs for s in before]  # nothing was loaded
 
 

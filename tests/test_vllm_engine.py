@@ -126,7 +126,7 @@ def test_bad_bucket_is_refused_by_name(engine, tiny_ckpt):
         pack(tensors, specs, buf.tensor)
         specs[-1][3] = nbytes  # the last tensor's offset past the end of the buffer
         with pytest.raises(WeightSyncError, match=f"tensor '{specs[-1][0]}' .* does not fit"):
-            engine._rpc("mrl_load_shared", buf.handle, specs)
+            engine._rpc("mrl_load_shared", buf.handle, specs, {})
         engine._rpc("mrl_release_buffers", [buf.id])
     finally:
         buf.close()
@@ -156,8 +156,9 @@ def _rss_kib(pid) -> int:
 
 @pytest.mark.parametrize("transport", ["shm", BROADCAST, "rpc"])
 def test_repeated_pushes_reuse_buffers_and_release_them(engine, tiny_ckpt, transport):
-    """Buffers are per bucket slot and reused: ten pushes hold what one does (no /dev/shm file left, no new
-    mappings, worker memory flat); releasing them unmaps them on both sides, and the next push re-creates."""
+    """One transfer buffer, reused by every bucket of every push: ten pushes of three buckets hold what one
+    bucket does (no /dev/shm file left, no new mappings, worker memory flat); releasing it unmaps it on both
+    sides, and the next push re-creates it."""
     tensors = _hf_tensors(tiny_ckpt)
     buckets = [tensors[:10], tensors[10:20], tensors[20:]]
     engine.release_weight_buffers()
@@ -165,9 +166,14 @@ def test_repeated_pushes_reuse_buffers_and_release_them(engine, tiny_ckpt, trans
     state = engine.weight_transport_state()
     worker = state["workers"][0]
     pid = worker["pid"]
-    shared = 3 if transport == "shm" else 0
+    shared = 1 if transport == "shm" else 0
     assert len(worker["shared_buffers"]) == _mapped(pid) == _mapped(os.getpid()) == shared
-    assert worker["recv_buffers"] == (3 if transport == "broadcast" else 0)
+    assert worker["recv_buffers"] == (1 if transport == "broadcast" else 0)
+    largest = max(sum(t.numel() * t.element_size() for _, t in b) for b in buckets)
+    if transport == "shm":
+        assert state["sender"]["shm"]["bytes"] < largest + 256 * 20  # one bucket, 256-byte aligned tensors
+    if transport == "broadcast":
+        assert worker["recv_bytes"] < largest + 256 * 20
     rss = _rss_kib(pid)
     for _ in range(10):
         engine.update_weights(buckets, transport=transport)
@@ -180,7 +186,7 @@ def test_repeated_pushes_reuse_buffers_and_release_them(engine, tiny_ckpt, trans
     engine.release_weight_buffers()
     workers = engine.weight_transport_state()["workers"]
     assert workers[0]["shared_buffers"] == [] and workers[0]["recv_buffers"] == 0
-    assert not workers[0]["in_group"] and workers[0]["staged"] == 0
+    assert not workers[0]["in_group"] and not workers[0]["push_open"]
     assert _mapped(pid) == _mapped(os.getpid()) == 0
     report = engine.update_weights(buckets, transport=transport)
     assert report.checksums == {name: tensor_checksum(t) for name, t in tensors}
@@ -219,3 +225,82 @@ def test_verify_sync_over_each_transport(tiny_ckpt):
         assert check["pre_push_max_abs_logprob_diff"] > 1e-2, name  # each push changed the weights
         assert check["tensors_pushed"] == 27 and check["tokens_checked"] > 50, name
         assert check["sync_seconds"] > 0, name
+
+
+def _sample(engine):
+    return [s.logprobs for s in engine.generate(["5+5="], n=2, temperature=1.0, max_tokens=8, seed=11)]
+
+
+@pytest.mark.parametrize("transport", ["shm", BROADCAST])
+def test_one_tensor_per_bucket_loads_what_one_bucket_does(engine, tiny_ckpt, transport):
+    """Buckets that cut through vLLM's fused layers (q, k and v in different buckets, all through one reused
+    transfer buffer) load the same model as one bucket: a layer waiting for more tensors keeps its own copy."""
+    tensors = _hf_tensors(tiny_ckpt, scale=1.5)
+    engine.update_weights([tensors], transport=transport)
+    whole = _sample(engine)
+    engine.update_weights([_hf_tensors(tiny_ckpt)])
+    assert _sample(engine) != whole
+    engine.update_weights([[t] for t in tensors], transport=transport)
+    assert _sample(engine) == whole
+
+
+def _corrupting(monkeypatch, target: str, times: int) -> list[int]:
+    """Flip one byte of tensor `target` in the transfer buffer after the sender's checksum, `times` times."""
+    from megatron_rl.rollout import transport as transport_module
+
+    real_pack, flips = transport_module.pack, []
+
+    def pack(bucket, specs, buffer):
+        real_pack(bucket, specs, buffer)
+        for name, _, _, offset, _ in specs:
+            if name == target and len(flips) < times:
+                buffer[offset + 3] ^= 0x10
+                flips.append(offset)
+
+    monkeypatch.setattr(transport_module, "pack", pack)
+    return flips
+
+
+def test_corrupted_bucket_is_refused_by_name_and_nothing_changes(engine, tiny_ckpt, monkeypatch):
+    """A byte flipped on the way in the first bucket: refused naming the tensor (after one resend), nothing of
+    the push loaded; vLLM keeps sampling with the weights it had."""
+    engine.update_weights([_hf_tensors(tiny_ckpt)])
+    before = _sample(engine)
+    tensors = _hf_tensors(tiny_ckpt, scale=1.5)
+    flips = _corrupting(monkeypatch, tensors[1][0], times=10)
+    with pytest.raises(WeightSyncError, match=rf"tensor '{tensors[1][0]}' arrived corrupted"):
+        engine.update_weights([tensors[:4], tensors[4:]], transport="shm")
+    assert len(flips) == 2  # sent, refused, sent again, refused
+    assert _sample(engine) == before
+    assert not engine.weight_transport_state()["workers"][0]["push_open"]
+
+
+def test_corrupted_bucket_mid_push_stops_sampling_until_a_whole_push(engine, tiny_ckpt, monkeypatch):
+    """Refused after earlier buckets were loaded: the engine holds a mix of old and new weights, so it refuses
+    to sample (saying why) until a whole push succeeds."""
+    engine.update_weights([_hf_tensors(tiny_ckpt)])
+    before = _sample(engine)
+    tensors = _hf_tensors(tiny_ckpt, scale=1.5)
+    _corrupting(monkeypatch, tensors[-1][0], times=10)
+    with pytest.raises(WeightSyncError, match=rf"tensor '{tensors[-1][0]}' arrived corrupted"):
+        engine.update_weights([tensors[:4], tensors[4:]], transport="shm")
+    with pytest.raises(
+        WeightSyncError, match="will not sample: 1 bucket.* of a failed weight push were loaded"
+    ):
+        _sample(engine)
+    monkeypatch.undo()
+    engine.update_weights([_hf_tensors(tiny_ckpt)])
+    assert _sample(engine) == before
+
+
+def test_bucket_corrupted_once_is_sent_again(engine, tiny_ckpt, monkeypatch, caplog):
+    tensors = _hf_tensors(tiny_ckpt, scale=1.5)
+    engine.update_weights([tensors])
+    expected = _sample(engine)
+    engine.update_weights([_hf_tensors(tiny_ckpt)])
+    flips = _corrupting(monkeypatch, tensors[7][0], times=1)
+    with caplog.at_level("WARNING", logger="megatron_rl.rollout.weight_sync"):
+        report = engine.update_weights([tensors[:4], tensors[4:]], transport="shm")
+    assert flips and f"tensor '{tensors[7][0]}' arrived corrupted" in caplog.text
+    assert report.checksums == {name: tensor_checksum(t) for name, t in tensors}
+    assert _sample(engine) == expected

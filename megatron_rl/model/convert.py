@@ -287,13 +287,41 @@ def load_hf_into_megatron(
                 target.partition_stride = 1
 
 
+def receiver_module(hf_name: str) -> str:
+    """The module of a receiver that fuses tensors (vLLM) an HF tensor loads into: q/k/v weights and biases
+    into one qkv_proj, gate and up into one gate_up_proj, anything else into its own module."""
+    module = hf_name.rsplit(".", 1)[0]
+    for parts, fused in (
+        (("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+        (("gate_proj", "up_proj"), "gate_up_proj"),
+    ):
+        head, _, last = module.rpartition(".")
+        if last in parts:
+            return f"{head}.{fused}"
+    return module
+
+
 def export_hf_groups(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[NamedTensors]:
-    """Yield, per Megatron parameter, its HF-named full tensors (q/k/v together, gate/up together).
+    """Yield the model's HF-named full tensors, one group per receiver module (receiver_module: q/k/v weights
+    and biases together, gate/up together), in stage order.
 
     Runs on every rank of the TP x PP group and is a collective: all of them must consume it in step.
-    Keeping a parameter's tensors together lets a receiver that fuses them (vLLM's qkv_proj) load a bucket
-    at a time.
+    A receiver that loads a bucket at a time (vLLM's layerwise reload processes a layer once it has all its
+    tensors) then never waits across buckets.
     """
+    group: NamedTensors = []
+    for tensors in _export_hf_parameters(model, cfg):
+        if group and receiver_module(group[0][0]) != receiver_module(tensors[0][0]):
+            yield group
+            group = []
+        group.extend(tensors)
+        del tensors  # not alive while the next one is gathered
+    if group:
+        yield group
+
+
+def _export_hf_parameters(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[NamedTensors]:
+    """Per Megatron parameter, its HF-named full tensors (a collective, as export_hf_groups)."""
     params = dict(unwrap(model).named_parameters())
     tp = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -332,6 +360,7 @@ def export_hf_groups(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[Named
                 for t in tensors:
                     dist.broadcast(t, src=dist.get_global_rank(pp_group, stage), group=pp_group)
             yield list(zip(hf_names, tensors, strict=True))
+            tensors = shards = None  # not alive while the next parameter is gathered
 
 
 def bucketed(groups: Iterator[NamedTensors], bucket_bytes: int) -> Iterator[NamedTensors]:
@@ -346,6 +375,7 @@ def bucketed(groups: Iterator[NamedTensors], bucket_bytes: int) -> Iterator[Name
             bucket, size = [], 0
         bucket.extend(group)
         size += nbytes
+        del group  # a yielded bucket's tensors are not kept alive while the next group is gathered
     if bucket:
         yield bucket
 

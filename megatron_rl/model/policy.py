@@ -44,7 +44,7 @@ from megatron_rl.model.convert import (
     export_hf_buckets,
     load_hf_into_megatron,
 )
-from megatron_rl.model.hf_config import Qwen2Config, check_hf_tensors, load_hf_config
+from megatron_rl.model.hf_config import Qwen2Config, check_hf_tensors, expected_hf_shapes, load_hf_config
 
 # loss_fn(micro-batch, logprobs [T], entropy [T]) -> (loss, stats): the loss already divided by the whole
 # batch's normaliser; stats are scalars to sum over micro-batches (tensors or floats).
@@ -288,8 +288,13 @@ class Policy:
     # ---- weights in and out
 
     def hf_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[NamedTensors]:
-        """The whole model as HF-named tensors, bucketed (a collective over the model-parallel group)."""
+        """The whole model as HF-named tensors, bucketed and produced one bucket at a time as it is consumed
+        (a collective over the model-parallel group: every rank consumes it in step)."""
         return export_hf_buckets(self.model, self.cfg, bucket_bytes)
+
+    def hf_manifest(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor `hf_buckets` produces, with its shape, from the config (no tensor is made)."""
+        return expected_hf_shapes(self.cfg)
 
     def save_sharded(self, directory: Path) -> None:
         """This rank's shards in Megatron's distributed checkpoint format (a collective; any layout loads it)."""

@@ -30,7 +30,7 @@ class SyncReport:
     seconds: float
     checksums: dict[str, int] = field(default_factory=dict)
     transport: str = ""  # how the bytes travelled: shm, ipc, broadcast or rpc
-    reload_seconds: float = 0.0  # of `seconds`, the engine's in-place load of the staged tensors
+    reload_seconds: float = 0.0  # of `seconds`, the engine's in-place loading of the buckets it received
 
     @property
     def mb_per_s(self) -> float:
@@ -53,8 +53,9 @@ class RolloutEngine(Protocol):
     def update_weights(
         self, buckets: Iterable[list[tuple[str, torch.Tensor]]], transport: str | None = None
     ) -> SyncReport:
-        """Load HF-named tensors (the whole model, in buckets) and verify them; raises WeightSyncError.
-        `transport` overrides the engine's default way of moving the bytes."""
+        """Load HF-named tensors (the whole model, in buckets: a list, or a WeightStream that produces them
+        one at a time) and verify them; raises WeightSyncError. `transport` overrides the engine's default way
+        of moving the bytes."""
         ...
 
     def sleep(self) -> None:

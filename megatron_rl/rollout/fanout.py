@@ -2,7 +2,7 @@
 
 Each step's prompts are cut into contiguous slices, one per engine, generated concurrently and put back in
 prompt order; a prompt samples with the same seed whichever engine gets it (`index_offset`). Weights are pushed
-to every engine and verified by each.
+to every engine bucket by bucket and verified by each.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from megatron_rl.rollout.base import RolloutSample, SyncReport
+from megatron_rl.rollout.weight_sync import WeightStream, as_stream, push_stream
 
 
 def slices(count: int, parts: int) -> list[tuple[int, int]]:
@@ -43,13 +44,13 @@ class EngineFanout:
         return [s for f in futures for s in f.result()]
 
     def update_weights(
-        self, buckets: Iterable[list[tuple[str, torch.Tensor]]], transport: str | None = None
+        self, buckets: Iterable[list[tuple[str, torch.Tensor]]] | WeightStream, transport: str | None = None
     ) -> SyncReport:
-        """Every engine gets the whole model, one engine after another (each push is verified by checksums);
-        the report is the first engine's with the total time."""
-        buckets = buckets if isinstance(buckets, list) else list(buckets)
+        """Every engine gets the whole model, streamed: each bucket goes to all engines at once (each verifies
+        it by checksums) before the next is produced. The report is the first engine's with the total time."""
         start = time.perf_counter()
-        reports = [e.update_weights(buckets, transport) for e in self.engines]
+        pushes = [e.start_push(transport) for e in self.engines]
+        reports = push_stream(pushes, as_stream(buckets), self.pool)
         first = reports[0]
         first.seconds = time.perf_counter() - start
         first.reload_seconds = sum(r.reload_seconds for r in reports)

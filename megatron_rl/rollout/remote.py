@@ -47,8 +47,8 @@ from megatron_rl.rollout.transport import (
     close_all,
     resolve_transport,
 )
-from megatron_rl.rollout.vllm_engine import VLLMEngine, _worker_message
-from megatron_rl.rollout.weight_sync import push_weights
+from megatron_rl.rollout.vllm_engine import VLLMEngine, _worker_message, refuse_partial_weights
+from megatron_rl.rollout.weight_sync import WeightPush, as_stream, push_stream
 
 log = logging.getLogger(__name__)
 
@@ -298,6 +298,7 @@ class RemoteEngine:
         self.weight_transport = _remote_transport(weight_transport)
         self.broadcast_host, self.index = broadcast_host or socket.gethostname(), index
         self._transports: dict[str, Transport] = {}
+        self._last_push: WeightPush | None = None
         self._lock = threading.Lock()  # one request on the wire at a time (broadcast calls from a thread)
         self._conn: Connection | None = None
         from transformers import AutoTokenizer
@@ -364,6 +365,7 @@ class RemoteEngine:
         seed: int | None = None,
         index_offset: int = 0,
     ) -> list[RolloutSample]:
+        refuse_partial_weights(self._last_push)
         prompts = [p if isinstance(p, str) else [int(t) for t in p] for p in prompts]
         return self._request(
             "generate", prompts, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
@@ -374,9 +376,13 @@ class RemoteEngine:
     def update_weights(
         self, buckets: Iterable[list[tuple[str, torch.Tensor]]], transport: str | None = None
     ) -> SyncReport:
-        """As VLLMEngine.update_weights: manifest first, then each bucket checked by checksum, one reload."""
+        """As VLLMEngine.update_weights: manifest first, then each bucket verified by checksum and loaded."""
+        return push_stream([self.start_push(transport)], as_stream(buckets))[0]
+
+    def start_push(self, transport: str | None = None) -> WeightPush:
         kind = self.weight_transport if transport is None else _remote_transport(transport)
-        return push_weights(buckets, self._rpc, self._transport(kind).send_bucket, kind, self._push_error)
+        self._last_push = WeightPush(self._rpc, self._transport(kind).send_bucket, kind, self._push_error)
+        return self._last_push
 
     def _push_error(self, error: Exception) -> Exception:
         """A worker refused the push (WeightSyncError naming the tensor), unless the connection itself is gone."""

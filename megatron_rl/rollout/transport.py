@@ -1,8 +1,9 @@
 """How a weight push's bytes travel from the trainer to the vLLM workers.
 
-A push is the same on every transport: the manifest is checked first (`mrl_begin_sync`), then each bucket
-travels and the worker answers with a checksum per tensor, then one in-place reload (`mrl_finish_sync`). What
-differs is how a bucket's bytes get to the worker:
+A push is the same on every transport (weight_sync.py): the manifest is checked first (`mrl_begin_sync`), then
+each bucket travels with the sender's checksums, is verified and loaded into the model by the worker, which
+answers with its own checksums; `mrl_finish_sync` ends it. What differs is how a bucket's bytes get to the
+worker:
 
 - ``shm`` (colocated, CPU): the bucket is packed into one flat buffer in host shared memory (a file under
   /dev/shm, mapped by both sides); only a handle (path, size) and the layout go through `collective_rpc`.
@@ -17,8 +18,8 @@ differs is how a bucket's bytes get to the worker:
 
 ``auto`` picks ``ipc`` on GPU and ``shm`` on CPU: `VLLMEngine` runs its engine on the trainer's own host.
 
-Shared buffers are per bucket slot and reused by every push (no allocation, no page faults after the first
-push). A shared-memory file exists only until the workers have mapped it: the sender unlinks it as soon as the
+Shared buffers are per slot and reused by every bucket and every push (no allocation, no page faults after
+the first bucket); a push uses one slot, since each bucket is loaded before the next is packed. A shared-memory file exists only until the workers have mapped it: the sender unlinks it as soon as the
 first load returns, so nothing is left in /dev/shm even if a process dies; the memory goes when both sides
 drop their mappings (`close`). This module holds both halves of each transport (the worker extension calls the
 receiving ones) and does not import vllm.
@@ -250,7 +251,9 @@ class Transport:
     def __init__(self, call: Call):
         self.call = call
 
-    def send_bucket(self, slot: int, bucket: NamedTensors) -> list[dict[str, int]]:
+    def send_bucket(self, slot: int, bucket: NamedTensors, checksums: dict[str, int]) -> list[dict[str, int]]:
+        """Move `bucket` through buffer `slot`; each worker verifies it against the sender's `checksums`
+        before loading it, and answers with its own."""
         raise NotImplementedError
 
     def state(self) -> dict:
@@ -278,10 +281,11 @@ class RpcTransport(Transport):
 
     name = "rpc"
 
-    def send_bucket(self, slot: int, bucket: NamedTensors) -> list[dict[str, int]]:
+    def send_bucket(self, slot: int, bucket: NamedTensors, checksums: dict[str, int]) -> list[dict[str, int]]:
         from safetensors.torch import save
 
-        return self.call("mrl_load_bucket", save({n: t.detach().to("cpu").contiguous() for n, t in bucket}))
+        payload = save({n: t.detach().to("cpu").contiguous() for n, t in bucket})
+        return self.call("mrl_load_bucket", payload, checksums)
 
 
 class LocalTransport(Transport):
@@ -290,8 +294,8 @@ class LocalTransport(Transport):
 
     name = "local"
 
-    def send_bucket(self, slot: int, bucket: NamedTensors) -> list[dict[str, int]]:
-        return self.call("mrl_load_local", [(n, t.detach()) for n, t in bucket])
+    def send_bucket(self, slot: int, bucket: NamedTensors, checksums: dict[str, int]) -> list[dict[str, int]]:
+        return self.call("mrl_load_local", [(n, t.detach()) for n, t in bucket], checksums)
 
 
 class SharedTransport(Transport):
@@ -303,7 +307,7 @@ class SharedTransport(Transport):
         self.name = "ipc" if device.type == "cuda" else "shm"
         self.buffers: dict[int, SharedBuffer] = {}
 
-    def send_bucket(self, slot: int, bucket: NamedTensors) -> list[dict[str, int]]:
+    def send_bucket(self, slot: int, bucket: NamedTensors, checksums: dict[str, int]) -> list[dict[str, int]]:
         specs, nbytes = flat_layout(bucket)
         buf = self.buffers.get(slot)
         if buf is None or buf.nbytes < nbytes:
@@ -314,7 +318,7 @@ class SharedTransport(Transport):
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # the worker reads it from another process
         try:
-            return self.call("mrl_load_shared", buf.handle, specs)
+            return self.call("mrl_load_shared", buf.handle, specs, checksums)
         except BaseException:
             try:  # a worker may or may not have mapped it: start the slot afresh next time
                 self._release([slot])
@@ -382,7 +386,7 @@ class BroadcastTransport(Transport):
             raise
         joined.result()
 
-    def send_bucket(self, slot: int, bucket: NamedTensors) -> list[dict[str, int]]:
+    def send_bucket(self, slot: int, bucket: NamedTensors, checksums: dict[str, int]) -> list[dict[str, int]]:
         if self.group is None:
             self._connect()
         specs, nbytes = flat_layout(bucket)
@@ -390,7 +394,7 @@ class BroadcastTransport(Transport):
             self.buffer = None
             self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         pack(bucket, specs, self.buffer)
-        received = self.pool.submit(self.call, "mrl_recv_bucket", slot, nbytes, specs)
+        received = self.pool.submit(self.call, "mrl_recv_bucket", slot, nbytes, specs, checksums)
         if nbytes:
             self._wait(broadcast_from_trainer(self.group, self.buffer[:nbytes]), received)
         return received.result()

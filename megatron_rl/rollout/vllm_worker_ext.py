@@ -1,14 +1,18 @@
-"""Methods injected into each vLLM worker (`worker_extension_cls`) to receive and verify weight pushes.
+"""Methods injected into each vLLM worker (`worker_extension_cls`) to receive, verify and load weight pushes.
 
-Runs inside vLLM's worker processes; `self` is the vLLM worker. A push is `mrl_begin_sync` (the manifest,
-checked against this worker's model: the HF layout of the checkpoint it started from), one load per bucket
-(whichever transport carried it: `mrl_load_bucket` for safetensors bytes, `mrl_load_shared` for a shared
-buffer, `mrl_recv_bucket` for a broadcast; see transport.py), each acknowledged with per-tensor checksums,
-then `mrl_finish_sync`, which loads everything with one in-place reload. (vLLM's layerwise reload finalises
-every layer on each call, so loading bucket by bucket leaves layers that a bucket did not cover broken.)
+Runs inside vLLM's worker processes; `self` is the vLLM worker. A push (weight_sync.py) is `mrl_begin_sync`
+(the manifest, checked against this worker's model: the HF layout of the checkpoint it started from), one load
+per bucket (whichever transport carried it: `mrl_load_bucket` for safetensors bytes, `mrl_load_shared` for a
+shared buffer, `mrl_recv_bucket` for a broadcast, `mrl_load_local` in the trainer's process; see
+transport.py), then `mrl_finish_sync`; `mrl_abort_sync` ends a push that cannot complete.
 
-Staged tensors are views into the shared or receive buffers where the transport has them, so staging copies
-nothing; the reload copies them into the model, which keeps no reference to them.
+Each bucket is loaded into the model as it arrives, with vLLM's layerwise reload: `begin` puts every layer's
+weights aside (vLLM keeps the kernel tensors and gives the layer meta tensors), the model's own `load_weights`
+collects each layer's tensors and, once a layer has all of them, materialises it, runs the layer's weight
+processing (e.g. vLLM-CPU's oneDNN repacking) and copies the result into the kept kernel tensors; `finish`
+(or `abort`) puts back the kernel tensors of every layer that received nothing. So no bucket outlives its
+load, except the tensors of a layer cut by a bucket boundary, which are copied out of the transfer buffer
+before the next bucket overwrites it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from megatron_rl.model.hf_config import expected_hf_shapes, load_hf_config
 from megatron_rl.rollout.base import WeightSyncError
 from megatron_rl.rollout.transport import broadcast_from_trainer, join_weight_group, open_shared, unpack
 from megatron_rl.rollout.weight_sync import (
+    CORRUPTED,
     check_bucket,
     check_complete,
     check_manifest,
@@ -32,43 +37,112 @@ from megatron_rl.rollout.weight_sync import (
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
+def _layerwise():
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    return layerwise
+
+
+def _keep_pending_tensors(model: torch.nn.Module) -> int:
+    """Copy out the tensors that layers still waiting for more weights hold (views into a transfer buffer the
+    next bucket reuses); returns how many layers were waiting."""
+    waiting = 0
+    for layer in model.modules():
+        info = _layerwise().LAYERWISE_INFO.get(layer)
+        if info is None or not info.can_load() or not info.loaded_weights:
+            continue
+        waiting += 1
+        for _, bound in info.loaded_weights:
+            for key, value in bound.arguments.items():
+                if key != "param" and isinstance(value, torch.Tensor) and not value.is_meta:
+                    bound.arguments[key] = value.clone()
+    return waiting
+
+
+def _forget_partial_layers(model: torch.nn.Module) -> None:
+    """Before an abort: a layer that received only some of its tensors keeps its old weights (finalising it
+    would process it with the missing parts uninitialised)."""
+    for layer in model.modules():
+        info = _layerwise().LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load() and info.loaded_weights:
+            info.loaded_weights.clear()
+            info.load_numel = 0
+
+
 class WeightSyncExtension:
     # ------------------------------------------------------------------------------------ one push
     def mrl_begin_sync(self, manifest: dict[str, list[int]]) -> int:
         if not getattr(self, "_mrl_quieted", False):
             logging.getLogger(RELOAD_LOGGER).addFilter(self.mrl_quiet_rotary_warning)
             self._mrl_quieted = True
+        if getattr(self, "_mrl_manifest", None) is not None:
+            self.mrl_abort_sync()  # the sender of the open push is gone
         cfg = load_hf_config(self.model_config.model)
         allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
         manifest = {name: tuple(shape) for name, shape in manifest.items()}
         check_manifest(manifest, expected_hf_shapes(cfg), allowed_extra)
-        self._mrl_manifest = manifest
-        self._mrl_staged: dict = {}
+        model = self.model_runner.get_model()
+        _layerwise().initialize_layerwise_reload(model)
+        self._mrl_manifest, self._mrl_received, self._mrl_load_s = manifest, set(), 0.0
         return len(manifest)
 
-    def _mrl_stage(self, bucket: dict[str, torch.Tensor]) -> dict[str, int]:
+    def _mrl_stage(self, bucket: dict[str, torch.Tensor], expected: dict[str, int]) -> dict[str, int]:
+        """Verify a bucket, then load it into the model; nothing of a refused bucket is loaded."""
         if getattr(self, "_mrl_manifest", None) is None:
             raise WeightSyncError("a weight bucket arrived outside a push (no manifest)")
-        check_bucket(bucket, self._mrl_manifest, set(self._mrl_staged))
-        self._mrl_staged.update(bucket)
-        return {name: tensor_checksum(t) for name, t in bucket.items()}
+        check_bucket(bucket, self._mrl_manifest, self._mrl_received)
+        checksums = {name: tensor_checksum(t) for name, t in bucket.items()}
+        for name, value in expected.items():
+            if checksums.get(name) != value:
+                raise WeightSyncError(
+                    f"tensor '{name}' {CORRUPTED}: checksum {checksums.get(name)}, the sender's {value}; "
+                    "nothing of its bucket was loaded"
+                )
+        start = time.perf_counter()
+        model = self.model_runner.get_model()
+        try:
+            model.load_weights(iter(bucket.items()))
+            _keep_pending_tensors(model)
+        except BaseException:
+            self.mrl_abort_sync()
+            raise
+        self._mrl_received.update(bucket)
+        self._mrl_load_s += time.perf_counter() - start
+        return checksums
 
-    def mrl_load_bucket(self, payload: bytes) -> dict[str, int]:
+    def mrl_load_bucket(self, payload: bytes, expected: dict[str, int]) -> dict[str, int]:
         from safetensors.torch import load as load_safetensors
 
-        return self._mrl_stage(load_safetensors(payload))
+        return self._mrl_stage(load_safetensors(payload), expected)
 
-    def mrl_load_local(self, bucket: list) -> dict[str, int]:
+    def mrl_load_local(self, bucket: list, expected: dict[str, int]) -> dict[str, int]:
         """In-process worker (external launcher): the trainer's tensors, by reference."""
-        return self._mrl_stage(dict(bucket))
+        return self._mrl_stage(dict(bucket), expected)
 
     def mrl_finish_sync(self) -> dict:
-        staged, self._mrl_staged = self._mrl_staged, {}
-        manifest, self._mrl_manifest = self._mrl_manifest, None
-        check_complete(manifest, set(staged))
+        if getattr(self, "_mrl_manifest", None) is None:
+            raise WeightSyncError("mrl_finish_sync outside a push (no manifest)")
+        check_complete(self._mrl_manifest, self._mrl_received)
         start = time.perf_counter()
-        self.model_runner.reload_weights(weights_iterator=iter(staged.items()))
-        return {"tensors": len(staged), "reload_s": time.perf_counter() - start}
+        model = self.model_runner.get_model()
+        _layerwise().finalize_layerwise_reload(model, self.model_config)
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as vLLM's reload does
+            getattr(self.model_runner, reset, lambda: None)()
+        tensors = len(self._mrl_received)
+        self._mrl_manifest, self._mrl_received = None, set()
+        return {"tensors": tensors, "reload_s": self._mrl_load_s + time.perf_counter() - start}
+
+    def mrl_abort_sync(self) -> int:
+        """End an open push: layers that received all their tensors keep them, every other layer gets its
+        previous weights back. Returns how many tensors had been loaded (0 when no push was open)."""
+        if getattr(self, "_mrl_manifest", None) is None:
+            return 0
+        model = self.model_runner.get_model()
+        _forget_partial_layers(model)
+        _layerwise().finalize_layerwise_reload(model, self.model_config)
+        loaded = len(self._mrl_received)
+        self._mrl_manifest, self._mrl_received = None, set()
+        return loaded
 
     @staticmethod
     def mrl_quiet_rotary_warning(record: logging.LogRecord) -> bool:
@@ -77,16 +151,15 @@ class WeightSyncExtension:
         return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
 
     # ------------------------------------------------------------------------------------ shm / ipc
-    def mrl_load_shared(self, handle: dict, specs: list) -> dict[str, int]:
+    def mrl_load_shared(self, handle: dict, specs: list, expected: dict[str, int]) -> dict[str, int]:
         buffers = self.__dict__.setdefault("_mrl_buffers", {})
         buf = buffers.get(handle["id"])
         if buf is None:
             buf = buffers[handle["id"]] = open_shared(handle)
-        return self._mrl_stage(unpack(buf, specs))
+        return self._mrl_stage(unpack(buf, specs), expected)
 
     def mrl_release_buffers(self, ids: list[str]) -> int:
         buffers = self.__dict__.get("_mrl_buffers", {})
-        self.__dict__.get("_mrl_staged", {}).clear()  # staged views would keep the memory mapped
         return sum(buffers.pop(i, None) is not None for i in ids)
 
     # ------------------------------------------------------------------------------------ broadcast
@@ -106,7 +179,9 @@ class WeightSyncExtension:
         self._mrl_recv: dict[int, torch.Tensor] = {}
         return 1 + self.rank
 
-    def mrl_recv_bucket(self, slot: int, nbytes: int, specs: list) -> dict[str, int]:
+    def mrl_recv_bucket(
+        self, slot: int, nbytes: int, specs: list, expected: dict[str, int]
+    ) -> dict[str, int]:
         group = getattr(self, "_mrl_group", None)
         if group is None:
             raise WeightSyncError("broadcast bucket arrived before the worker joined the weight group")
@@ -118,10 +193,9 @@ class WeightSyncExtension:
             broadcast_from_trainer(group, buf[:nbytes]).wait()
             if buf.is_cuda:
                 torch.cuda.current_stream(buf.device).synchronize()
-        return self._mrl_stage(unpack(buf[:nbytes], specs))
+        return self._mrl_stage(unpack(buf[:nbytes], specs), expected)
 
     def mrl_leave_broadcast(self) -> int:
-        self.__dict__.get("_mrl_staged", {}).clear()
         released = len(self.__dict__.get("_mrl_recv", {}))
         self._mrl_recv = {}
         self._mrl_group = self._mrl_store = None
@@ -132,7 +206,7 @@ class WeightSyncExtension:
         """What this worker holds for weight pushes (tests use it to check that buffers are released)."""
         return {
             "pid": os.getpid(),
-            "staged": len(self.__dict__.get("_mrl_staged", {})),
+            "push_open": self.__dict__.get("_mrl_manifest") is not None,
             "shared_buffers": sorted(self.__dict__.get("_mrl_buffers", {})),
             "recv_buffers": len(self.__dict__.get("_mrl_recv", {})),
             "recv_bytes": sum(b.numel() for b in self.__dict__.get("_mrl_recv", {}).values()),

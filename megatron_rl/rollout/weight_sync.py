@@ -1,21 +1,32 @@
-"""The verification half of a weight push, shared by the sender (trainer) and receiver (engine worker).
+"""The protocol of a weight push, shared by the sender (trainer) and receiver (engine worker).
 
-A push is: a manifest (every tensor's name, shape, dtype) checked against the receiver's model before any
-tensor is loaded; then buckets of tensors, each checked against the manifest; then a check that every
-manifest tensor arrived. The receiver returns an exact checksum of each tensor it loaded, which the sender
-compares with its own.
+A push is streamed: a manifest (every tensor's name and shape, known from the model's config before any tensor
+exists) is checked against the receiver's model before any weight changes; then buckets, each produced, sent,
+loaded into the model in place and freed before the next is produced; then a check that every manifest tensor
+arrived. Each bucket travels with the sender's exact checksum of each tensor: the receiver recomputes them on
+what arrived and refuses the bucket, before loading any of it, when one differs (the sender resends it once).
+The receiver answers with its checksums, which the sender compares with its own.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from megatron_rl.rollout.base import SyncReport, WeightSyncError
 
 Manifest = dict[str, tuple[int, ...]]
+NamedTensors = list[tuple[str, torch.Tensor]]
+Sender = Callable[[int, NamedTensors, dict[str, int]], list[dict[str, int]]]
+
+log = logging.getLogger(__name__)
+
+# Words in the receiver's refusal of a bucket whose bytes changed on the way: the one refusal worth a resend.
+CORRUPTED = "arrived corrupted"
 
 
 _FOLD = 1021  # positions are weighted by 2 * (word index mod _FOLD) + 1
@@ -92,41 +103,132 @@ def compare_checksums(sent: dict[str, int], received: dict[str, int]) -> None:
             )
 
 
-def push_weights(
-    buckets: Iterable[list[tuple[str, torch.Tensor]]],
-    rpc: Callable,
-    send_bucket: Callable[[int, list[tuple[str, torch.Tensor]]], list[dict[str, int]]],
-    transport: str,
-    worker_error: Callable[[Exception], Exception],
-) -> SyncReport:
-    """One verified push, the sender's side: the manifest first (a wrong name or shape is refused before any
-    weight changes), then each bucket through `send_bucket` (one checksum dict per engine worker, compared with
-    ours), then one reload. `rpc(method, *args)` calls the engine's worker extension; `worker_error` turns an
-    error a worker raised (wrapped by vLLM, or by the connection to a remote engine) into the one to raise."""
-    start = time.perf_counter()
-    buckets = buckets if isinstance(buckets, list) else list(buckets)
-    manifest = {name: list(t.shape) for bucket in buckets for name, t in bucket}
-    rpc("mrl_begin_sync", manifest)
-    received: dict[str, int] = {}
-    nbytes = 0
-    for slot, bucket in enumerate(buckets):
-        sent = {name: tensor_checksum(t) for name, t in bucket}
-        nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+class WeightStream:
+    """The tensors of one push: the manifest, known before the first bucket, and the buckets, produced one at a
+    time (a bucket can be freed once it has been pushed). Each produced tensor is checked against the manifest
+    on the sender's side too, so an exporter that disagrees with the config fails naming the tensor."""
+
+    def __init__(self, manifest: dict[str, Sequence[int]], buckets: Iterable[NamedTensors]):
+        self.manifest = {name: tuple(shape) for name, shape in manifest.items()}
+        self._buckets = buckets
+
+    def __iter__(self) -> Iterator[NamedTensors]:
+        produced: set[str] = set()
+        for bucket in self._buckets:
+            check_bucket(dict(bucket), self.manifest, produced)
+            produced.update(name for name, _ in bucket)
+            yield bucket
+            del bucket  # not alive while the next one is produced
+        check_complete(self.manifest, produced)
+
+    def drain(self) -> None:
+        """Produce and drop the rest of the buckets: after a failed push, the ranks that produce the stream
+        together (a collective gather) must all reach its end."""
+        for _ in self._buckets:
+            pass
+
+
+def as_stream(buckets: Iterable[NamedTensors] | WeightStream) -> WeightStream:
+    """A WeightStream as it is, or a list of buckets with the manifest read from them."""
+    if isinstance(buckets, WeightStream):
+        return buckets
+    buckets = list(buckets)
+    return WeightStream({name: t.shape for bucket in buckets for name, t in bucket}, buckets)
+
+
+def bucket_checksums(bucket: NamedTensors) -> dict[str, int]:
+    return {name: tensor_checksum(t) for name, t in bucket}
+
+
+class WeightPush:
+    """The sender's side of one push to one engine: `begin`, `send` per bucket, `finish`; `abort` when the push
+    cannot complete (the receiver then puts back what it had not loaded yet).
+
+    `rpc(method, *args)` calls the engine's worker extension (first worker's answer); `send_bucket(slot,
+    bucket, checksums)` moves one bucket with whichever transport and returns each worker's checksums;
+    `worker_error` turns an error a worker raised (wrapped by vLLM, or by the connection to a remote engine)
+    into the one to raise. `partial` says, after a failure, that the engine holds part of this push."""
+
+    def __init__(self, rpc: Callable, send_bucket: Sender, transport: str, worker_error: Callable):
+        self.rpc, self.send_bucket, self.transport, self.worker_error = (
+            rpc,
+            send_bucket,
+            transport,
+            worker_error,
+        )
+        self.received: dict[str, int] = {}
+        self.bytes = 0
+        self.buckets_loaded = 0
+        self.partial: str | None = None
+        self.start = time.perf_counter()
+
+    def _call(self, fn: Callable, *args):
         try:
-            answers = send_bucket(slot, bucket)
+            return fn(*args)
         except WeightSyncError:
             raise
         except Exception as e:
-            raise worker_error(e) from None
+            raise self.worker_error(e) from None
+
+    def begin(self, manifest: Manifest) -> None:
+        self.start = time.perf_counter()
+        self._call(self.rpc, "mrl_begin_sync", {name: list(shape) for name, shape in manifest.items()})
+
+    def send(self, bucket: NamedTensors, checksums: dict[str, int]) -> None:
+        # One reusable transfer slot: a bucket is loaded before the next one is packed.
+        try:
+            answers = self._call(self.send_bucket, 0, bucket, checksums)
+        except WeightSyncError as e:
+            if CORRUPTED not in str(e):
+                raise
+            log.warning("weight push: %s; sending the bucket again", e)
+            answers = self._call(self.send_bucket, 0, bucket, checksums)
         for worker_checksums in answers:
-            received.update(worker_checksums)
-            compare_checksums(sent, worker_checksums)
-    finished = rpc("mrl_finish_sync")
-    return SyncReport(
-        tensors=len(manifest),
-        bytes=nbytes,
-        seconds=time.perf_counter() - start,
-        checksums=received,
-        transport=transport,
-        reload_seconds=finished["reload_s"],
-    )
+            compare_checksums(checksums, worker_checksums)
+            self.received.update(worker_checksums)
+        self.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        self.buckets_loaded += 1
+
+    def finish(self) -> SyncReport:
+        finished = self._call(self.rpc, "mrl_finish_sync")
+        return SyncReport(
+            tensors=len(self.received),
+            bytes=self.bytes,
+            seconds=time.perf_counter() - self.start,
+            checksums=self.received,
+            transport=self.transport,
+            reload_seconds=finished["reload_s"],
+        )
+
+    def abort(self, error: BaseException) -> None:
+        """After `error`: the receiver restores every layer this push had not loaded; when some had been
+        loaded, `partial` says so (the engine then holds a mix of old and new weights)."""
+        if self.buckets_loaded:
+            self.partial = f"{self.buckets_loaded} bucket(s) of a failed weight push were loaded ({error})"
+        try:
+            self._call(self.rpc, "mrl_abort_sync")
+        except Exception as e:  # the original error is the one to report
+            log.warning("weight push: aborting on the engine failed too: %s", e)
+
+
+def push_stream(
+    pushes: Sequence[WeightPush], stream: WeightStream, pool: ThreadPoolExecutor | None = None
+) -> list[SyncReport]:
+    """One streamed push to every engine of `pushes`: each bucket goes to all of them (concurrently with a
+    `pool`) before the next bucket is produced, so at most one bucket of the stream is alive at a time."""
+
+    def each(fn: Callable, *args) -> list:
+        if pool is None or len(pushes) == 1:
+            return [fn(p, *args) for p in pushes]
+        return [f.result() for f in [pool.submit(fn, p, *args) for p in pushes]]
+
+    try:
+        each(WeightPush.begin, stream.manifest)
+        for bucket in stream:
+            each(WeightPush.send, bucket, bucket_checksums(bucket))
+            del bucket
+        return each(WeightPush.finish)
+    except BaseException as error:
+        for push in pushes:
+            push.abort(error)
+        raise

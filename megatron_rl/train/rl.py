@@ -20,6 +20,7 @@ from megatron_rl.data.arithmetic import ArithmeticTask
 from megatron_rl.data.dataset import Problem, load_prompt_dataset
 from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
+from megatron_rl.rollout.weight_sync import WeightStream
 from megatron_rl.train import preemption
 from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_rl.train.evaluate import evaluate
@@ -51,21 +52,56 @@ def broadcast(obj):
 
 
 def sync_weights(policy: Policy, engine) -> dict[str, float]:
+    """Push the policy's weights to the rollout engine, streamed: each bucket is gathered (a collective: every
+    rank takes part), pushed and freed before the next. Ranks without an engine only take part."""
     start = time.perf_counter()
-    buckets = list(policy.hf_buckets())  # a collective: every rank takes part in the gather
-    report = engine.update_weights(buckets) if engine is not None else None
+    stream = WeightStream(policy.hf_manifest(), policy.hf_buckets())
+    report = None
+    try:
+        if engine is not None:
+            report = engine.update_weights(stream)
+        else:
+            stream.drain()
+    except BaseException:
+        try:
+            stream.drain()  # the other ranks are still gathering: reach the end with them, then fail
+        except Exception:
+            pass
+        raise
     return {"time_sync_s": time.perf_counter() - start, "sync_mb": (report.bytes / 1e6) if report else 0.0}
 
 
-def save_hf_checkpoint(policy: Policy, out_dir: Path) -> None:
-    """The policy as an HF checkpoint directory (tokenizer and config copied from where it started)."""
-    tensors = {name: t.contiguous().cpu() for bucket in policy.hf_buckets() for name, t in bucket}
-    if not is_driver():
-        return
+def save_hf_checkpoint(policy: Policy, out_dir: Path, bucket_bytes: int = 1 << 30) -> None:
+    """The policy as an HF checkpoint directory (tokenizer and config copied from where it started), written
+    bucket by bucket as the gather produces them: one model.safetensors, or shards with an index."""
+    driver = is_driver()
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(policy.model_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors*"))
-    save_file(tensors, tmp / "model.safetensors")
+    if driver:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(policy.model_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors*"))
+    weight_map: dict[str, int] = {}
+    total_bytes = 0
+    for shard, bucket in enumerate(policy.hf_buckets(bucket_bytes), start=1):  # a collective: all ranks
+        if driver:
+            tensors = {name: t.detach().contiguous().cpu() for name, t in bucket}
+            save_file(tensors, tmp / f"shard-{shard}.safetensors", metadata={"format": "pt"})
+            weight_map.update((name, shard) for name in tensors)
+            total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        del bucket
+    if not driver:
+        return
+    shards = max(weight_map.values())
+    names = {i: f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1)}
+    if shards == 1:
+        names = {1: "model.safetensors"}
+    for i, name in names.items():
+        (tmp / f"shard-{i}.safetensors").rename(tmp / name)
+    if shards > 1:
+        index = {
+            "metadata": {"total_size": total_bytes},
+            "weight_map": {n: names[i] for n, i in weight_map.items()},
+        }
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
