@@ -66,6 +66,7 @@ def run(
 ) -> dict:
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
     from megatron_rl.model.policy import Policy
+    from megatron_rl.rollout.weight_sync import WeightStream
 
     init_distributed(ParallelLayout(tp=tp, pp=1), rank=rank, world_size=world)
     policy = Policy.from_hf(model_dir, transform=perturb)
@@ -92,8 +93,8 @@ def run(
             engine.llm.collective_rpc("reload_weights")
         before = sample(1.0)
         start = time.perf_counter()
-        buckets = list(policy.hf_buckets(int(bucket_mb * (1 << 20))))
-        report = engine.update_weights(buckets, transport=transport) if rank == 0 else None
+        stream = WeightStream(policy.hf_manifest(), policy.hf_buckets(int(bucket_mb * (1 << 20))))
+        report = engine.update_weights(stream, transport=transport) if rank == 0 else stream.drain()
         sync_seconds = time.perf_counter() - start
         diffs = {}
         for temperature in (1.0, 0.7):

@@ -154,7 +154,7 @@ def test_push_reaches_the_engine_exactly(engine, tiny_ckpt, transport):
     after = _sample(engine)
     assert [(s.token_ids, s.logprobs) for s in after] == [(s.token_ids, s.logprobs) for s in before]
     state = engine.weight_transport_state()
-    assert state["sender"][transport]["transport"] == transport and state["workers"][0]["staged"] == 0
+    assert state["sender"][transport]["transport"] == transport and not state["workers"][0]["push_open"]
 
 
 def test_transports_that_need_the_trainers_host_are_refused(engine, tiny_ckpt, tmp_path):
