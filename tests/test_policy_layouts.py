@@ -128,6 +128,10 @@ def _update(rank: int, world: int, model_dir: str, layouts: list, budgets: list[
                 batch.rollout_logprobs = torch.load(shared)
             # The reference before the step moves the weights.
             reference = reference_grads(policy, batch, cfg) if world == 1 else None
+            # As after every RL step: the gradient buffers are freed; the update allocates them again.
+            held = policy.grad_buffer_bytes()
+            policy.release_grads()
+            assert held > 0 and policy.grad_buffer_bytes() == 0, held
             metrics = policy_update(policy, build_optimizer(policy, cfg.optim), batch, cfg, step=1)
             results[budget] = {"metrics": metrics, "grads": gathered_grads(policy), "reference": reference}
         if rank == 0:

@@ -49,3 +49,50 @@ def announce_device() -> tuple[str, float]:
     device, load = describe_device(), load_average()
     print(f"device: {device}; load average {load:.2f}", flush=True)
     return device, load
+
+
+def proportional_set_size(pid: int) -> int:
+    """Bytes of memory process `pid` holds, pages shared with other processes split between them (Pss): a
+    shared-memory buffer mapped by two processes counts once in their sum, not twice as in RSS."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line")
+
+
+class PeakMemory:
+    """The peak, above the level at entry, of the summed Pss of some processes while the block runs, sampled
+    from a thread every `interval_s` (a peak shorter than that can be missed)."""
+
+    def __init__(self, pids: list[int], interval_s: float = 0.002):
+        self.pids, self.interval_s = pids, interval_s
+        self.before = self.peak = 0
+
+    def total(self) -> int:
+        return sum(proportional_set_size(pid) for pid in self.pids)
+
+    def _sample(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.total())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        self.before = self.peak = self.total()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="mrl-peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.total())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.before

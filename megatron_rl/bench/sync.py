@@ -16,6 +16,10 @@ Baselines, measured in the same run on the same bytes:
   path; the file was just written, so it is read from the page cache);
 - a plain memcpy of the same number of bytes (the floor for moving them once in memory).
 
+Memory: during one more sync over the first transport (its transfer buffer released first), the peak of what
+the trainer and the vLLM worker hold together (proportional set size, sampled every 2 ms), above what they held
+before it: `sync_extra_bytes`, also in units of the largest bucket.
+
 Prints the device, a markdown table and, last, one JSON line with the results.
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -30,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from megatron_rl.bench.common import announce_device, load_average
+from megatron_rl.bench.common import PeakMemory, announce_device, load_average
 from megatron_rl.model.tiny import QWEN2_145M, TinyShape
 from megatron_rl.rollout.base import SyncReport
 from megatron_rl.rollout.weight_sync import WeightStream
@@ -96,6 +101,17 @@ def bench_model(name: str, repeats: int, bucket_bytes: int, transports: Sequence
                     row, report, num_buckets = sync(t)
                     times[t].append(row)
 
+            # Memory: the peak, during one sync, of what the trainer and the vLLM worker hold together, above
+            # what they held before it (the transfer buffer released first, so it counts).
+            bucket_sizes = [
+                sum(t.numel() * t.element_size() for _, t in b) for b in policy.hf_buckets(bucket_bytes)
+            ]
+            engine.release_weight_buffers()
+            worker_pid = engine.weight_transport_state()["workers"][0]["pid"]
+            with PeakMemory([os.getpid(), worker_pid]) as memory:
+                stream = WeightStream(policy.hf_manifest(), policy.hf_buckets(bucket_bytes))
+                engine.update_weights(stream, transport=transports[0])
+
             # The push verifies each tensor by an exact checksum on both sides; time the sender's half apart.
             checksum_ms = _sender_checksum_ms(policy, bucket_bytes, repeats)
 
@@ -135,6 +151,10 @@ def bench_model(name: str, repeats: int, bucket_bytes: int, transports: Sequence
         **{k: first[k] for k in ("ms", "mb_per_s", "export_ms", "push_ms", "push_mb_per_s")},
         "transports": per_transport,
         "checksum_sender_ms": round(checksum_ms, 2),
+        "bucket_bytes": bucket_bytes,
+        "largest_bucket_bytes": max(bucket_sizes),
+        "sync_extra_bytes": memory.extra,
+        "sync_extra_buckets": round(memory.extra / max(bucket_sizes), 2),
         "baseline_vllm_reload_from_disk_ms": round(reload_ms, 2),
         "baseline_vllm_reload_from_disk_mb_per_s": round(mb / reload_ms * 1e3, 1),
         "baseline_memcpy_ms": round(memcpy_ms, 3),
@@ -158,6 +178,12 @@ def markdown_table(results: dict[str, dict]) -> str:
         lines += [
             ("export alone: Megatron -> HF tensors (timed apart)", r["export_ms"], None),
             ("sender-side checksums (timed apart)", r["checksum_sender_ms"], None),
+            (
+                f"memory: peak extra during a {r['transport']} sync, MB (in largest buckets: "
+                f"{r['sync_extra_buckets']})",
+                r["sync_extra_bytes"] / 1e6,
+                None,
+            ),
             (
                 "baseline: vLLM reload from disk",
                 r["baseline_vllm_reload_from_disk_ms"],

@@ -233,9 +233,31 @@ class Policy:
     # ---- gradients
 
     def zero_grads(self) -> None:
+        """Zeroed gradient buffers, allocated again first if `release_grads` freed them."""
+        if self.grads_released:
+            for buffer in self.ddp.buffers:
+                buffer.reload_from_cpu(move_params=False, move_grads=True)  # reallocates and zeroes
         self.ddp.zero_grad_buffer()
         for p in self.parameters():
             p.grad = None
+
+    def release_grads(self) -> None:
+        """Free the fp32 gradient buffers until the next `zero_grads` (Megatron's grad-buffer offload: the
+        storage is resized to nothing, every `main_grad` view stays valid), then, on a GPU, PyTorch's cached
+        blocks, so that a colocated vLLM can take the memory back."""
+        for buffer in self.ddp.buffers:
+            buffer.offload_to_cpu(move_params=False, move_grads=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    @property
+    def grads_released(self) -> bool:
+        return any(b.grad_data.untyped_storage().size() == 0 for b in self.ddp.buffers if b.grad_data.numel())
+
+    def grad_buffer_bytes(self) -> int:
+        """Bytes the gradient buffers hold now (0 after `release_grads`)."""
+        return sum(b.grad_data.untyped_storage().nbytes() for b in self.ddp.buffers)
 
     def clip_grads(self, max_norm: float) -> float:
         """The global L2 norm of the gradients (split parameters counted once per shard, replicated and tied

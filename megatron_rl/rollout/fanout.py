@@ -60,9 +60,9 @@ class EngineFanout:
         for e in self.engines:
             e.sleep()
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
         for e in self.engines:
-            e.wake_up()
+            e.wake_up(tags)
 
     def shutdown(self) -> None:
         errors = []

@@ -436,8 +436,8 @@ class RemoteEngine:
             self.release_weight_buffers()  # the workers' receive buffers would hold GPU memory
         self._request("sleep")
 
-    def wake_up(self) -> None:
-        self._request("wake_up")
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        self._request("wake_up", None if tags is None else list(tags))
 
     def shutdown(self) -> None:
         """Shut the engine and its server down (the server exits 0); safe to call twice."""

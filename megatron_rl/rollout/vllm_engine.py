@@ -247,13 +247,18 @@ class VLLMEngine:
 
     # ----------------------------------------------------------------------------------------- memory
     def sleep(self) -> None:
+        """Free the GPU for training (sleep mode only): weights to host memory, KV cache discarded. Level 1,
+        not 2: a push carries every checkpoint tensor but not the buffers vLLM computes itself (the rotary
+        cos/sin cache), which level 2 would discard."""
         if self.enable_sleep_mode:
             self.release_weight_buffers()  # GPU: the IPC/broadcast buffers would hold memory while training
             self.llm.sleep(level=1)
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Bring back vLLM's memory: `tags` "weights" and/or "kv_cache" (None: all). Sampling resumes once
+        everything is back; pushes work with the weights alone."""
         if self.enable_sleep_mode:
-            self.llm.wake_up()
+            self.llm.wake_up(None if tags is None else list(tags))
 
     def shutdown(self) -> None:
         llm = getattr(self, "llm", None)

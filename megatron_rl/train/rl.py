@@ -296,9 +296,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
         t_train = time.perf_counter()
         train_metrics = policy_update(policy, optimizer, batch, cfg, step)
         train_seconds = time.perf_counter() - t_train
+        # Memory order: training's gradients and cached blocks go, then vLLM's weights come back and take the
+        # push, and only then its KV cache (the largest allocation) returns.
+        policy.release_grads()
         if engine is not None:
-            engine.wake_up()
+            engine.wake_up(["weights"])
         sync_metrics = sync_weights(policy, engine)
+        if engine is not None:
+            engine.wake_up(["kv_cache"])
         state = {"step": step, "data_position": batch.data_position}
         step_seconds = time.perf_counter() - t_step
         response_tokens = sum(len(r) for r in batch.responses)
