@@ -36,8 +36,8 @@ def _check_model(rank: int, world: int, model_dir: str, tp: int, pp: int) -> Non
     for name, tensor in exported.items():
         assert torch.equal(tensor, ckpt.get(name)), f"{name} differs after the round trip"
 
-    # 2. Streamed: when a bucket is sent, no tensor of an earlier bucket is alive (each is gathered, pushed and
-    # freed in turn), and the manifest from the config is what is produced.
+    # 2. Streamed: when a bucket is sent, no tensor of an earlier bucket is alive (the next one is being
+    # gathered meanwhile: two at most), and the manifest from the config is what is produced.
     _check_streamed_push(policy)
 
     # 3. The HF checkpoint is written bucket by bucket: shards and an index, the same tensors.

@@ -360,7 +360,7 @@ def _export_hf_parameters(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[
                 for t in tensors:
                     dist.broadcast(t, src=dist.get_global_rank(pp_group, stage), group=pp_group)
             yield list(zip(hf_names, tensors, strict=True))
-            tensors = shards = None  # not alive while the next parameter is gathered
+            tensors = shards = local = None  # not alive while the next parameter is gathered
 
 
 def bucketed(groups: Iterator[NamedTensors], bucket_bytes: int) -> Iterator[NamedTensors]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
@@ -161,6 +161,8 @@ class WeightPush:
         self.buckets_loaded = 0
         self.partial: str | None = None
         self.start = time.perf_counter()
+        self._sender: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
 
     def _call(self, fn: Callable, *args):
         try:
@@ -175,7 +177,8 @@ class WeightPush:
         self._call(self.rpc, "mrl_begin_sync", {name: list(shape) for name, shape in manifest.items()})
 
     def send(self, bucket: NamedTensors, checksums: dict[str, int]) -> None:
-        # One reusable transfer slot: a bucket is loaded before the next one is packed.
+        # One reusable transfer slot: sends run one after another, so a bucket is loaded before the next one
+        # is packed.
         try:
             answers = self._call(self.send_bucket, 0, bucket, checksums)
         except WeightSyncError as e:
@@ -189,7 +192,25 @@ class WeightPush:
         self.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         self.buckets_loaded += 1
 
+    def send_async(self, bucket: NamedTensors, checksums: dict[str, int]) -> Future:
+        """`send` in this push's own thread, after the bucket before it (one request at a time per engine):
+        the caller produces the next bucket meanwhile."""
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-weight-push")
+        self._in_flight = self._sender.submit(self.send, bucket, checksums)
+        return self._in_flight
+
+    def _settle(self) -> None:
+        """Wait for the bucket in flight (its error, if any, is someone else's to report) and end the thread."""
+        if self._in_flight is not None:
+            wait([self._in_flight])
+            self._in_flight = None
+        if self._sender is not None:
+            self._sender.shutdown(wait=True)
+            self._sender = None
+
     def finish(self) -> SyncReport:
+        self._settle()
         finished = self._call(self.rpc, "mrl_finish_sync")
         return SyncReport(
             tensors=len(self.received),
@@ -203,6 +224,7 @@ class WeightPush:
     def abort(self, error: BaseException) -> None:
         """After `error`: the receiver restores every layer this push had not loaded; when some had been
         loaded, `partial` says so (the engine then holds a mix of old and new weights)."""
+        self._settle()
         if self.buckets_loaded:
             self.partial = f"{self.buckets_loaded} bucket(s) of a failed weight push were loaded ({error})"
         try:
@@ -214,8 +236,11 @@ class WeightPush:
 def push_stream(
     pushes: Sequence[WeightPush], stream: WeightStream, pool: ThreadPoolExecutor | None = None
 ) -> list[SyncReport]:
-    """One streamed push to every engine of `pushes`: each bucket goes to all of them (concurrently with a
-    `pool`) before the next bucket is produced, so at most one bucket of the stream is alive at a time."""
+    """One streamed push to every engine of `pushes`. Each bucket goes to all of them, each in its push's own
+    thread, while this thread produces (exports) and checksums the next bucket; before that one is handed
+    over, the one in flight must have been loaded by every engine. So at most two buckets of the stream are
+    alive at a time, and producing overlaps sending and loading. `pool` runs the begin and finish calls of
+    several engines concurrently."""
 
     def each(fn: Callable, *args) -> list:
         if pool is None or len(pushes) == 1:
@@ -224,9 +249,15 @@ def push_stream(
 
     try:
         each(WeightPush.begin, stream.manifest)
+        in_flight: list[Future] = []
         for bucket in stream:
-            each(WeightPush.send, bucket, bucket_checksums(bucket))
+            checksums = bucket_checksums(bucket)
+            for future in in_flight:
+                future.result()
+            in_flight = [push.send_async(bucket, checksums) for push in pushes]
             del bucket
+        for future in in_flight:
+            future.result()
         return each(WeightPush.finish)
     except BaseException as error:
         for push in pushes:
