@@ -79,6 +79,9 @@ class RolloutCfg(Strict):
     # local = tensors handed to the in-process worker (engine_ranks=all; what auto picks there).
     weight_transport: Literal["auto", "shm", "ipc", "broadcast", "rpc", "local"] = "auto"
     broadcast_host: str = "127.0.0.1"  # rendezvous address of trainer rank 0 for the broadcast transport
+    # Weights travel to vLLM in buckets of at most this many MiB (a larger tensor group travels alone); a sync
+    # holds at most two buckets and one transfer buffer of this size beyond the model (see `plan`).
+    sync_bucket_mb: float = Field(512.0, gt=0)
 
 
 class GRPOCfg(Strict):

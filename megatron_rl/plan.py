@@ -26,9 +26,16 @@ engine's TP exceeds them) for every concurrent sequence at prompt + max response
 `rollout.gpu_memory_utilization` of the GPU for itself and fills what its weights and activations leave with
 KV cache.
 
-Placement: colocated, vLLM and the trainer share every GPU; vLLM sleeps (weights to CPU, KV cache freed)
-while the trainer runs, and the trainer's weights, gradients and optimizer state stay resident while vLLM
-generates. Separate, vLLM runs on `rollout.engine_nodes` nodes and the trainer on the rest.
+Placement: colocated, vLLM and the trainer share every GPU, in three phases per step (train/rl.py):
+- training: vLLM asleep (weights to host memory, KV cache freed), the trainer at its peak;
+- sync: the trainer's gradient buffers freed and its cache emptied (`Policy.release_grads`), vLLM's weights
+  awake but not its KV cache, and the push's own buffers (rollout/weight_sync.py): at most two exported
+  buckets of `rollout.sync_bucket_mb` (a tensor group larger than that travels alone), one transfer buffer of
+  a bucket (none when the engine's worker is in the trainer's process, engine_ranks=all; a send and a receive
+  buffer for broadcast), and the one layer vLLM's layerwise load materialises;
+- generation: the trainer's weights and optimizer state resident (no gradients), vLLM at its budget.
+Separate, vLLM runs on `rollout.engine_nodes` nodes and the trainer on the rest; an engine GPU holds vLLM's
+budget plus a receive buffer and one materialised layer during a sync.
 """
 
 from __future__ import annotations
@@ -83,6 +90,9 @@ VLLM_BATCHED_TOKENS = (
     8192  # tokens vLLM runs in one forward pass (chunked prefill budget) for its profile run
 )
 KV_BLOCK_TOKENS = 16  # vLLM allocates the KV cache in blocks of this many tokens
+# A layout is suggested only when its peak leaves this share of the GPU free: every figure here is an
+# estimate, and fragmentation or a longer-than-planned batch should not end a run.
+SUGGESTION_HEADROOM = 0.10
 
 
 class PlanError(ValueError):
@@ -204,6 +214,9 @@ class Placement:
     peak_gib: float
     fits: bool
     reasons: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # per-GPU peak of each phase of a step, GiB
+    sync_buffers_gib: float = 0.0  # the sync's own buffers on a GPU that hosts both
+    margin_gib: float = 0.0  # GPU memory minus peak_gib
 
 
 @dataclass
@@ -217,6 +230,7 @@ class LayoutOption:
     peak_gib: float
     pipeline_bubble: float  # idle fraction of each stage in a 1F1B step: (pp - 1) / (m + pp - 1)
     fits: bool
+    headroom: bool = True  # leaves SUGGESTION_HEADROOM of the GPU free
 
 
 @dataclass
@@ -365,6 +379,30 @@ def rollout_memory(cfg: Config, shape: Qwen2Config, gpus: int) -> RolloutMemory:
     )
 
 
+def largest_group_bytes(shape: Qwen2Config, dtype_bytes: int) -> int:
+    """The largest group of HF tensors a sync exports together (model/convert.py: one vLLM module: the
+    embedding or lm_head, q/k/v with biases, or gate/up), whole (gathered over TP)."""
+    h, d, i = shape.hidden_size, shape.head_dim, shape.intermediate_size
+    q, kv = shape.num_attention_heads * d, shape.num_key_value_heads * d
+    qkv = (q + 2 * kv) * (h + (1 if shape.qkv_bias else 0))
+    return max(shape.vocab_size * h, qkv, 2 * i * h) * dtype_bytes
+
+
+def sync_buffers(cfg: Config, shape: Qwen2Config, engine_tp: int) -> tuple[float, float]:
+    """GiB a weight sync adds (trainer side, engine side) on one GPU: two exported buckets and the send buffer
+    on the trainer's; the receive buffer and the one layer (an engine TP shard of the largest group) that vLLM's
+    layerwise load materialises on the engine's."""
+    a = _dtype_bytes(cfg)
+    largest = largest_group_bytes(shape, a)
+    bucket = max(cfg.rollout.sync_bucket_mb * (1 << 20), largest)
+    transport = cfg.rollout.weight_transport
+    if transport == "auto":
+        transport = "local" if cfg.rollout.engine_ranks == "all" else "ipc"
+    send = {"local": 0, "rpc": 0}.get(transport, bucket)  # rpc serialises in host memory
+    receive = bucket if transport == "broadcast" else 0  # ipc maps the sender's buffer
+    return (2 * bucket + send) / GIB, (receive + largest / engine_tp) / GIB
+
+
 def _check_sample_fits(cfg: Config) -> list[str]:
     longest = cfg.rollout.max_prompt_tokens + cfg.rollout.max_response_tokens
     if longest > cfg.grpo.max_tokens_per_microbatch:
@@ -383,19 +421,35 @@ def place(cfg: Config, shape: Qwen2Config, placement: str, engine_nodes: int) ->
         gpus = c.nodes * c.gpus_per_node
         train = train_memory(cfg, shape, gpus)
         rollout = rollout_memory(cfg, shape, gpus)
+        trainer_side, engine_side = sync_buffers(cfg, shape, rollout.tp)
+        sync_extra = trainer_side + engine_side
         asleep = VLLM_ASLEEP_GIB if cfg.rollout.colocate_sleep else rollout.budget_gib
-        during_train = train.peak_gib + asleep
-        during_rollout = train.static_gib + train.runtime_gib + rollout.budget_gib
-        peak = max(during_train, during_rollout)
-        if during_train > mem:
+        # After the update the gradient buffers are freed before vLLM wakes (Policy.release_grads).
+        resident = train.weights_gib + train.optimizer_gib + train.runtime_gib
+        vllm_awake = (
+            rollout.weights_gib + rollout.runtime_gib if cfg.rollout.colocate_sleep else rollout.budget_gib
+        )
+        phases = {
+            "training": train.peak_gib + asleep,
+            "sync": resident + vllm_awake + sync_extra,
+            "generation": resident + rollout.budget_gib,
+        }
+        peak = max(phases.values())
+        if phases["training"] > mem:
             reasons.append(
-                f"training needs {during_train:.1f} GiB per GPU (with vLLM {'asleep' if cfg.rollout.colocate_sleep else 'awake'}), "
+                f"training needs {phases['training']:.1f} GiB per GPU (with vLLM {'asleep' if cfg.rollout.colocate_sleep else 'awake'}), "
                 f"more than {mem:g}"
             )
-        if during_rollout > mem:
+        if phases["sync"] > mem:
             reasons.append(
-                f"generation needs {during_rollout:.1f} GiB per GPU (trainer state {train.static_gib:.1f} + runtime "
-                f"+ vLLM budget {rollout.budget_gib:.1f}), more than {mem:g}: lower rollout.gpu_memory_utilization"
+                f"the weight sync needs {phases['sync']:.1f} GiB per GPU (its buffers {sync_extra:.1f}), more than "
+                f"{mem:g}: lower rollout.sync_bucket_mb"
+            )
+        if phases["generation"] > mem:
+            reasons.append(
+                f"generation needs {phases['generation']:.1f} GiB per GPU (trainer weights and optimizer state "
+                f"{resident - train.runtime_gib:.1f} + runtime + vLLM budget {rollout.budget_gib:.1f}), more than "
+                f"{mem:g}: lower rollout.gpu_memory_utilization"
             )
     else:
         if engine_nodes < 1 or engine_nodes >= c.nodes:
@@ -405,11 +459,24 @@ def place(cfg: Config, shape: Qwen2Config, placement: str, engine_nodes: int) ->
             )
         train = train_memory(cfg, shape, (c.nodes - engine_nodes) * c.gpus_per_node)
         rollout = rollout_memory(cfg, shape, engine_nodes * c.gpus_per_node)
-        peak = max(train.peak_gib, rollout.budget_gib)
+        trainer_side, engine_side = sync_buffers(cfg, shape, rollout.tp)
+        sync_extra = max(trainer_side, engine_side)
+        resident = train.weights_gib + train.optimizer_gib + train.runtime_gib
+        phases = {
+            "training": train.peak_gib,
+            "sync": max(resident + trainer_side, rollout.budget_gib + engine_side),
+            "generation": rollout.budget_gib,
+        }
+        peak = max(phases.values())
         if train.peak_gib > mem:
             reasons.append(f"training needs {train.peak_gib:.1f} GiB per GPU, more than {mem:g}")
         if rollout.budget_gib > mem:
             reasons.append("rollout.gpu_memory_utilization is above 1")
+        elif phases["sync"] > mem:
+            reasons.append(
+                f"the weight sync needs {phases['sync']:.1f} GiB on a GPU, more than {mem:g}: lower "
+                "rollout.sync_bucket_mb"
+            )
     if rollout.needed_gib > rollout.budget_gib:
         reasons.append(
             f"vLLM needs {rollout.needed_gib:.1f} GiB (weights {rollout.weights_gib:.1f}, KV cache "
@@ -417,7 +484,7 @@ def place(cfg: Config, shape: Qwen2Config, placement: str, engine_nodes: int) ->
             f"but its budget is {rollout.budget_gib:.1f}; it holds {rollout.max_concurrent_sequences} sequences "
             f"at full length: set rollout.max_num_seqs <= {rollout.max_concurrent_sequences} or raise TP/utilization"
         )
-    return Placement(placement, train, rollout, peak, not reasons, reasons)
+    return Placement(placement, train, rollout, peak, not reasons, reasons, phases, sync_extra, mem - peak)
 
 
 def fitting_max_num_seqs(cfg: Config) -> int | None:
@@ -482,17 +549,19 @@ def layout_options(cfg: Config, shape: Qwen2Config) -> list[LayoutOption]:
                     placed.peak_gib,
                     (pp - 1) / (m + pp - 1),
                     placed.fits,
+                    placed.peak_gib <= (1 - SUGGESTION_HEADROOM) * c.gpu_memory_gib,
                 )
             )
     return options
 
 
 def suggested_layout(options: list[LayoutOption]) -> LayoutOption | None:
-    """The layout the model prefers among those that fit: the least pipeline bubble, then the smallest TP x PP
+    """The layout the model prefers among those that fit with SUGGESTION_HEADROOM of the GPU to spare (any
+    that fits when none has it): the least pipeline bubble, then the smallest TP x PP
     (more data-parallel ranks: their gradient reduction overlaps backward, where TP adds two all-reduces of the
     activations per layer and PP a bubble), then the smaller TP. The memory model says what fits; it has no
     measured communication costs, so this is an ordering by structure, not a timing."""
-    fitting = [o for o in options if o.fits]
+    fitting = [o for o in options if o.fits and o.headroom] or [o for o in options if o.fits]
     return min(fitting, key=lambda o: (round(o.pipeline_bubble, 3), o.tp * o.pp, o.tp), default=None)
 
 
@@ -587,7 +656,11 @@ def _placement_rows(p: Placement) -> list[tuple[str, str]]:
             "  vLLM needs / budget",
             f"{r.needed_gib:7.2f} / {r.budget_gib:.2f} GiB  (holds {r.max_concurrent_sequences} seqs)",
         ),
+        ("per GPU, training", f"{p.phases['training']:7.2f} GiB"),
+        ("per GPU, weight sync", f"{p.phases['sync']:7.2f} GiB  (its buffers {p.sync_buffers_gib:.2f})"),
+        ("per GPU, generation", f"{p.phases['generation']:7.2f} GiB"),
         ("peak per GPU", f"{p.peak_gib:7.2f} GiB"),
+        ("margin", f"{p.margin_gib:7.2f} GiB"),
         ("fits", "yes" if p.fits else "NO"),
     ]
     return rows
@@ -612,12 +685,14 @@ def format_plan(plan: Plan) -> str:
     lines.append(
         f"== trainer layouts ({plan.configured.placement}; bubble: 1F1B idle fraction at full-length samples)"
     )
-    lines.append("  TP  PP  DP  training peak  peak/GPU  bubble  fits")
+    lines.append(
+        f"  TP  PP  DP  training peak  peak/GPU  bubble  fits (headroom: {SUGGESTION_HEADROOM:.0%} free)"
+    )
     for o in plan.layouts:
         mark = "  <- suggested" if o is plan.suggested else ""
         lines.append(
             f"  {o.tp:>2}  {o.pp:>2}  {o.dp:>2}  {o.training_peak_gib:9.1f} GiB  {o.peak_gib:6.1f}  {o.pipeline_bubble:6.1%}  "
-            f"{'yes' if o.fits else 'no'}{mark}"
+            f"{('yes' if o.headroom else 'yes, tight') if o.fits else 'no'}{mark}"
         )
     lines.append("")
     lines += [f"note: {n}" for n in plan.notes]

@@ -51,11 +51,12 @@ def broadcast(obj):
     return box[0]
 
 
-def sync_weights(policy: Policy, engine) -> dict[str, float]:
-    """Push the policy's weights to the rollout engine, streamed: each bucket is gathered (a collective: every
-    rank takes part), pushed and freed before the next. Ranks without an engine only take part."""
+def sync_weights(policy: Policy, engine, bucket_mb: float) -> dict[str, float]:
+    """Push the policy's weights to the rollout engine, streamed: each bucket of at most `bucket_mb` MiB is
+    gathered (a collective: every rank takes part), pushed and freed while the next is gathered. Ranks without
+    an engine only take part."""
     start = time.perf_counter()
-    stream = WeightStream(policy.hf_manifest(), policy.hf_buckets())
+    stream = WeightStream(policy.hf_manifest(), policy.hf_buckets(int(bucket_mb * (1 << 20))))
     report = None
     try:
         if engine is not None:
@@ -241,7 +242,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
 
     def held_out_accuracy() -> float:
-        sync_weights(policy, engine)
+        sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
         acc = evaluate(engine, pool, eval_problems, tokenizer, cfg) if engine is not None else 0.0
         return broadcast(acc)
 
@@ -268,7 +269,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
         log.info("resumed from %s at step %d", resume_from, state["step"])
     elif resume:
         log.info("--resume: no checkpoint in %s, starting at step 0", ckpt_root)
-    sync_weights(policy, engine)  # vLLM started from the base checkpoint: give it the current weights
+    sync_weights(
+        policy, engine, cfg.rollout.sync_bucket_mb
+    )  # vLLM started from the base checkpoint: give it the current weights
 
     metrics_log = (
         MetricsLogger(
@@ -301,7 +304,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         policy.release_grads()
         if engine is not None:
             engine.wake_up(["weights"])
-        sync_metrics = sync_weights(policy, engine)
+        sync_metrics = sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
         if engine is not None:
             engine.wake_up(["kv_cache"])
         state = {"step": step, "data_position": batch.data_position}
