@@ -205,6 +205,59 @@ def reward_cmd(
     raise typer.Exit(reward_main(kind, str(input_path), workers, timeout, unsafe_no_sandbox, require_think))
 
 
+@app.command("eval", context_settings={"allow_extra_args": True})
+def eval_cmd(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Option("--model", help="HF model directory, e.g. RUN_DIR/final_model")],
+    data: Annotated[
+        list[Path], typer.Option("--data", help="JSONL or Parquet problems; repeat for more files")
+    ],
+    k: Annotated[int, typer.Option("--k", help="samples per problem (avg@K, pass@k up to K)")] = 8,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.6,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", help="response length limit (default: the config's)")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="problem i samples with seed + i")] = 12345,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="write NAME.problems.jsonl and results.json here")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="prompt template and reward settings (default: the model's run)"),
+    ] = None,
+    tensor_parallel_size: Annotated[int, typer.Option("--tensor-parallel-size", help="each engine's TP")] = 1,
+) -> None:
+    """Sample K responses per problem, score them, print avg@K and unbiased pass@k per file with the protocol
+    (last stdout line: one JSON object). Extra key=value arguments override the config. Under torchrun every
+    rank hosts an engine."""
+    import logging
+
+    from megatron_rl.config import ConfigError
+    from megatron_rl.data.dataset import DatasetError
+    from megatron_rl.evaluation.run import run_eval
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = run_eval(
+            model,
+            data,
+            k,
+            temperature,
+            top_p,
+            max_tokens,
+            seed,
+            out,
+            config,
+            list(ctx.args),
+            tensor_parallel_size,
+        )
+    except (ConfigError, DatasetError) as e:
+        _fail(str(e))
+    if result:
+        print(json.dumps(result), flush=True)
+
+
 # `megatron-rl bench NAME ARGS...` runs main(ARGS) of megatron_rl.bench.NAME; each parses its own arguments
 # (`megatron-rl bench NAME --help` lists them).
 BENCHMARKS: dict[str, str] = {

@@ -133,6 +133,48 @@ def test_short_run_logs_every_metric(two_runs):
     assert "step 4/4 reward" in stderr  # off a terminal, one plain progress line per step
 
 
+def test_eval_of_the_final_model_reproduces_the_runs_held_out_accuracy(two_runs, tmp_path):
+    """`megatron-rl eval` on RUN_DIR/final_model with the run's eval problems, sample count and temperature
+    samples what the trainer's last held-out evaluation sampled: the same accuracy, not just a close one."""
+    from megatron_rl.config import load_config
+    from megatron_rl.data.arithmetic import ArithmeticTask
+
+    run_dir, result, _, _ = two_runs
+    cfg = load_config(run_dir / "config.yaml")
+    task = ArithmeticTask(cfg.data.seed, cfg.data.synthetic_digits, cfg.data.synthetic_eval_size)
+    data = tmp_path / "heldout.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in task.eval_set())
+    )
+    k = cfg.eval.samples_per_problem
+    args = [
+        sys.executable, "-m", "megatron_rl.cli", "eval", "--model", str(run_dir / "final_model"),
+        "--data", str(data), "--k", str(k), "--temperature", str(cfg.eval.temperature), "--top-p", "1.0",
+        "--out", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])["results"]["heldout.jsonl"]
+    assert report["problems"] == cfg.data.synthetic_eval_size and report["k"] == k
+    assert round(report["avg@k"], 4) == result["rl_accuracy"]
+    rows = [
+        json.loads(line) for line in (tmp_path / "eval" / "heldout.problems.jsonl").read_text().splitlines()
+    ]
+    assert sum(r["correct"] for r in rows) / (len(rows) * k) == pytest.approx(report["avg@k"])
+    assert (
+        report["pass@k"]["1"] == pytest.approx(report["avg@k"])
+        and report["pass@k"][str(k)] >= report["avg@k"]
+    )
+    protocol = report["protocol"]
+    assert protocol["temperature"] == cfg.eval.temperature and protocol["samples_per_problem"] == k
+    assert protocol["prompt_template"] == "raw" and protocol["config"] == str(run_dir / "config.yaml")
+
+    bad = subprocess.run(
+        [*args[:6], "--data", str(tmp_path / "missing.jsonl")], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "missing.jsonl' does not exist" in bad.stderr
+
+
 def _deterministic(record: dict) -> dict:
     """A metrics line without the wall-clock figures (times and throughputs), which are all that may differ
     between two runs of the same config and seed."""
