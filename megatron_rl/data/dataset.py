@@ -1,7 +1,8 @@
 """Prompt datasets (and SFT pairs) from JSONL or Parquet files.
 
 Math rows have fields prompt and answer; code rows have prompt and tests (a list of test cases or its JSON
-text, as the code reward takes them) and optionally fn_name (call-based problems).
+text, as the code reward takes them) and optionally fn_name (call-based problems). Rows of AceReason-Math,
+DeepScaleR and LiveCodeBench are read in their own schemas (formats.py).
 
 A bad row is reported with its line number and skipped; the skip count is kept for the run's log.
 """
@@ -12,6 +13,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_rl.data.formats import normalise_row
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,9 @@ class PromptDataset:
 
 
 def _check_row(row: object, where: str, kind: str) -> Problem | str:
+    row = normalise_row(row, kind)
+    if isinstance(row, str):
+        return f"{where}: {row}"
     if not isinstance(row, dict):
         return f"{where}: row is not an object"
     required = ("prompt", "answer") if kind == "math" else ("prompt", "tests")
