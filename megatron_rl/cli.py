@@ -258,6 +258,37 @@ def eval_cmd(
         print(json.dumps(result), flush=True)
 
 
+@app.command("curate")
+def curate_cmd(
+    input_path: Annotated[Path, typer.Argument(help="training rows, JSONL or Parquet")],
+    out: Annotated[Path, typer.Option("--out", help="writes curated.jsonl and removed.jsonl here")],
+    decontaminate: Annotated[
+        list[Path] | None, typer.Option("--decontaminate", help="benchmark file; repeat for more")
+    ] = None,
+    ngram: Annotated[
+        int | None, typer.Option("--ngram", help="overlap length in words (math 9, code 14)")
+    ] = None,
+    kind: Annotated[
+        str | None, typer.Option("--kind", help="math or code (default: by the rows' fields)")
+    ] = None,
+) -> None:
+    """Remove rows that share a word N-gram with a benchmark row, then exact duplicates; one JSON line of counts."""
+    from dataclasses import asdict
+
+    from megatron_rl.config import ConfigError
+    from megatron_rl.data.curate import curate
+    from megatron_rl.evaluation.run import reward_kind
+
+    try:
+        kind = kind or reward_kind(input_path)
+        if kind not in ("math", "code"):
+            raise ConfigError(f"--kind must be 'math' or 'code', got '{kind}'")
+        report = curate(input_path, out, kind, decontaminate or [], ngram)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    print(json.dumps({**asdict(report), "kind": kind}), flush=True)
+
+
 # `megatron-rl bench NAME ARGS...` runs main(ARGS) of megatron_rl.bench.NAME; each parses its own arguments
 # (`megatron-rl bench NAME --help` lists them).
 BENCHMARKS: dict[str, str] = {
@@ -267,6 +298,7 @@ BENCHMARKS: dict[str, str] = {
     "packing": "Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models.",
     "update": "One policy-update step: Megatron schedule + DDP buckets vs per-parameter reduction, ~150M model.",
     "parity": "Log-probs of vLLM's samples: vLLM vs the trainer's recomputation, each vs a float64 reference.",
+    "curate": "Decontamination and dedup of a 100k-row file vs reading and writing it.",
 }
 
 
