@@ -271,19 +271,44 @@ def curate_cmd(
     kind: Annotated[
         str | None, typer.Option("--kind", help="math or code (default: by the rows' fields)")
     ] = None,
+    difficulty: Annotated[
+        bool, typer.Option("--difficulty", help="grade rows by --model's pass rate")
+    ] = False,
+    model: Annotated[Path | None, typer.Option("--model", help="HF model directory for --difficulty")] = None,
+    k: Annotated[int, typer.Option("--k", help="samples per row for --difficulty")] = 8,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.6,
+    max_pass_rate: Annotated[
+        float | None, typer.Option("--max-pass-rate", help="remove rows solved more often than this")
+    ] = None,
+    drop_unsolved: Annotated[
+        bool, typer.Option("--drop-unsolved", help="remove rows no sample solved")
+    ] = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="settings for --difficulty's sampling")
+    ] = None,
 ) -> None:
-    """Remove rows that share a word N-gram with a benchmark row, then exact duplicates; one JSON line of counts."""
+    """Remove rows that share a word N-gram with a benchmark row, then exact duplicates, then with --difficulty
+    rows --model finds too easy (--max-pass-rate) or never solves (--drop-unsolved); one JSON line of counts."""
+    import logging
     from dataclasses import asdict
 
     from megatron_rl.config import ConfigError
-    from megatron_rl.data.curate import curate
+    from megatron_rl.data.curate import Difficulty, curate
     from megatron_rl.evaluation.run import reward_kind
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         kind = kind or reward_kind(input_path)
         if kind not in ("math", "code"):
             raise ConfigError(f"--kind must be 'math' or 'code', got '{kind}'")
-        report = curate(input_path, out, kind, decontaminate or [], ngram)
+        grading = None
+        if difficulty:
+            if model is None:
+                raise ConfigError("--difficulty needs --model")
+            grading = Difficulty(model, k, temperature, max_pass_rate, drop_unsolved, config)
+        elif model is not None or max_pass_rate is not None or drop_unsolved:
+            raise ConfigError("--model, --max-pass-rate and --drop-unsolved go with --difficulty")
+        report = curate(input_path, out, kind, decontaminate or [], ngram, grading)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     print(json.dumps({**asdict(report), "kind": kind}), flush=True)

@@ -174,6 +174,46 @@ def test_eval_of_the_final_model_reproduces_the_runs_held_out_accuracy(two_runs,
     )
     assert bad.returncode == 2 and "missing.jsonl' does not exist" in bad.stderr
 
+    # Difficulty grading through the same sampling path: with every fifth answer made wrong, those rows are
+    # never solved, and the filter removes and keeps what its counts say (exact duplicates go first).
+    problems = [json.loads(line) for line in data.read_text().splitlines()]
+    for i in range(0, len(problems), 5):
+        problems[i]["answer"] = str(int(problems[i]["answer"]) + 1)
+    graded = tmp_path / "graded.jsonl"
+    graded.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    curated = subprocess.run(
+        [
+            sys.executable, "-m", "megatron_rl.cli", "curate", str(graded), "--out", str(tmp_path / "curated"),
+            "--difficulty", "--model", str(run_dir / "final_model"), "--k", str(k),
+            "--temperature", str(cfg.eval.temperature), "--max-pass-rate", "0.5", "--drop-unsolved",
+        ],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert curated.returncode == 0, curated.stderr[-4000:]
+    counts = json.loads(curated.stdout.strip().splitlines()[-1])
+    removed = [json.loads(line) for line in (tmp_path / "curated" / "removed.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in (tmp_path / "curated" / "curated.jsonl").read_text().splitlines()]
+    reasons = [r["removed"]["reason"] for r in removed]
+    assert (
+        reasons.count("duplicate")
+        == counts["duplicates"]
+        == len(problems) - len({p["prompt"] for p in problems})
+    )
+    wrong = {(p["prompt"], p["answer"]) for i, p in enumerate(problems) if i % 5 == 0}
+    for r in removed:
+        if (r["row"]["prompt"], r["row"]["answer"]) in wrong and r["removed"]["reason"] != "duplicate":
+            assert r["removed"] == {**r["removed"], "reason": "unsolved", "solved": f"0/{k}"}
+    graded_rows = len(problems) - counts["duplicates"]
+    assert (
+        sum(counts["solved_histogram"].values())
+        == graded_rows
+        == counts["kept"] + counts["too_easy"] + counts["unsolved"]
+    )
+    assert counts["unsolved"] == counts["solved_histogram"].get(f"0/{k}", 0) >= 1
+    assert len(kept) == counts["kept"] and all(0 < r["pass_rate"] <= 0.5 for r in kept)
+    easy = [r["removed"]["solved"] for r in removed if r["removed"]["reason"] == "too_easy"]
+    assert len(easy) == counts["too_easy"] and all(int(s.split("/")[0]) / k > 0.5 for s in easy)
+
 
 def _deterministic(record: dict) -> dict:
     """A metrics line without the wall-clock figures (times and throughputs), which are all that may differ

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -94,6 +95,64 @@ def evaluate_file(engine, pool, tokenizer, cfg: Config, path: Path, k: int, temp
     return problems, per_problem(problems, samples, rewards, k), too_long, len(dataset.skipped)
 
 
+@contextmanager
+def samplers(model: Path, base: Config, max_tokens: int, tensor_parallel_size: int = 1) -> Iterator[tuple]:
+    """(engine, reward pool or None, rank) for sampling `model` with `base`'s settings: one vLLM engine, or
+    under torchrun one per rank (external launcher); the reward pool on rank 0. Shut down on exit."""
+    if not (model / "config.json").is_file():
+        raise ConfigError(f"--model: '{model}' is not an HF model directory (no config.json)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from megatron_rl.distributed import ParallelLayout, init_distributed
+
+        init_distributed(ParallelLayout(1, 1))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    from megatron_rl.model.hf_config import load_hf_config
+    from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+    positions = load_hf_config(model).max_position_embeddings
+    engine = VLLMEngine(
+        str(model),
+        tensor_parallel_size=tensor_parallel_size,
+        dtype=base.model.dtype,
+        seed=base.run.seed,
+        max_model_len=min(base.rollout.max_prompt_tokens + max_tokens, positions),
+        gpu_memory_utilization=base.rollout.gpu_memory_utilization,
+        cpu_kv_cache_gib=base.rollout.cpu_kv_cache_gib,
+        external_launcher=world > 1,
+    )
+    pool = None
+    try:
+        if rank == 0:
+            from megatron_rl.rewards import RewardPool
+
+            pool = RewardPool(workers=base.run.reward_workers, math_timeout=base.run.reward_timeout)
+        yield engine, pool, rank
+    finally:
+        if pool is not None:
+            pool.close()
+        engine.shutdown()
+        if world > 1:
+            from megatron_rl.distributed import shutdown
+
+            shutdown()
+
+
+def sampling_config(base: Config, kind: str, top_p: float, max_tokens: int) -> Config:
+    cfg = base.model_copy(deep=True)
+    cfg.data.reward = kind
+    cfg.rollout.top_p, cfg.rollout.max_response_tokens = top_p, max_tokens
+    return cfg
+
+
+def check_sampling(k: int, temperature: float, top_p: float) -> None:
+    if k < 1:
+        raise ConfigError(f"--k must be at least 1, got {k}")
+    if not 0 < top_p <= 1 or temperature < 0:
+        raise ConfigError(f"--top-p must be in (0, 1] and --temperature >= 0, got {top_p} and {temperature}")
+
+
 def run_eval(
     model: Path,
     data: Sequence[Path],
@@ -109,47 +168,14 @@ def run_eval(
 ) -> dict:
     """Evaluate `model` on each file of `data`; returns {"results": {FILE_NAME: {...}}} on rank 0 (an empty
     dict elsewhere) and writes OUT/NAME.problems.jsonl and OUT/results.json."""
-    if k < 1:
-        raise ConfigError(f"--k must be at least 1, got {k}")
-    if not 0 < top_p <= 1 or temperature < 0:
-        raise ConfigError(f"--top-p must be in (0, 1] and --temperature >= 0, got {top_p} and {temperature}")
-    if not (model / "config.json").is_file():
-        raise ConfigError(f"--model: '{model}' is not an HF model directory (no config.json)")
+    check_sampling(k, temperature, top_p)
     base, config_source = eval_config(model, config, overrides)
     kinds = {path: reward_kind(path) for path in data}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        from megatron_rl.distributed import ParallelLayout, init_distributed
-
-        init_distributed(ParallelLayout(1, 1))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-
-    from megatron_rl.model.hf_config import load_hf_config
-    from megatron_rl.rollout.vllm_engine import VLLMEngine
-
     max_tokens = max_tokens or base.rollout.max_response_tokens
-    positions = load_hf_config(model).max_position_embeddings
-    engine = VLLMEngine(
-        str(model),
-        tensor_parallel_size=tensor_parallel_size,
-        dtype=base.model.dtype,
-        seed=base.run.seed,
-        max_model_len=min(base.rollout.max_prompt_tokens + max_tokens, positions),
-        gpu_memory_utilization=base.rollout.gpu_memory_utilization,
-        cpu_kv_cache_gib=base.rollout.cpu_kv_cache_gib,
-        external_launcher=world > 1,
-    )
-    pool = None
-    if rank == 0:
-        from megatron_rl.rewards import RewardPool
-
-        pool = RewardPool(workers=base.run.reward_workers, math_timeout=base.run.reward_timeout)
     results: dict = {}
-    try:
+    with samplers(model, base, max_tokens, tensor_parallel_size) as (engine, pool, rank):
         for path in data:
-            cfg = base.model_copy(deep=True)
-            cfg.data.reward = kinds[path]
-            cfg.rollout.top_p, cfg.rollout.max_response_tokens = top_p, max_tokens
+            cfg = sampling_config(base, kinds[path], top_p, max_tokens)
             problems, rows, too_long, bad_rows = evaluate_file(
                 engine, pool, engine.tokenizer, cfg, path, k, temperature, seed
             )
@@ -186,12 +212,41 @@ def run_eval(
                         f.write(json.dumps(asdict(r)) + "\n")
         if rank == 0 and out is not None:
             (out / "results.json").write_text(json.dumps({"results": results}, indent=1))
-    finally:
-        if pool is not None:
-            pool.close()
-        engine.shutdown()
-        if world > 1:
-            from megatron_rl.distributed import shutdown
-
-            shutdown()
     return {"results": results} if rank == 0 else {}
+
+
+def pass_counts(
+    problems: Sequence[Problem],
+    kind: str,
+    model: Path,
+    k: int,
+    temperature: float = 0.6,
+    top_p: float = 1.0,
+    max_tokens: int | None = None,
+    seed: int = DEFAULT_SEED,
+    config: Path | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[list[ProblemResult | None], dict]:
+    """How many of k samples of `model` solve each problem (None for a prompt too long for
+    rollout.max_prompt_tokens), and the protocol; what difficulty grading and hard-prompt filtering use."""
+    from megatron_rl.train.rollouts import prompt_fits, sample_and_score
+
+    check_sampling(k, temperature, top_p)
+    base, config_source = eval_config(model, config, overrides)
+    max_tokens = max_tokens or base.rollout.max_response_tokens
+    cfg = sampling_config(base, kind, top_p, max_tokens)
+    with samplers(model, base, max_tokens) as (engine, pool, _):
+        fits = [prompt_fits(p, engine.tokenizer, cfg) for p in problems]
+        todo = [p for p, ok in zip(problems, fits, strict=True) if ok]
+        rows: list[ProblemResult] = []
+        if todo:
+            samples, rewards, _, _ = sample_and_score(
+                engine, pool, todo, engine.tokenizer, cfg, seed, k, temperature
+            )
+            rows = per_problem(todo, samples, rewards, k)
+    graded = iter(rows)
+    protocol = {
+        "model": str(model), "samples_per_problem": k, "temperature": temperature, "top_p": top_p,
+        "max_tokens": max_tokens, "seed": f"{seed} + problem index", "reward": kind, "config": config_source,
+    }  # fmt: skip
+    return [next(graded) if ok else None for ok in fits], protocol
