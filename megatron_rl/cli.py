@@ -258,6 +258,30 @@ def eval_cmd(
         print(json.dumps(result), flush=True)
 
 
+@app.command("recipe", context_settings={"allow_extra_args": True})
+def recipe_cmd(
+    ctx: typer.Context,
+    recipe: Annotated[Path, typer.Argument(help="recipe YAML: stages and filter steps in order")],
+    resume: Annotated[bool, typer.Option("--resume", help="continue the stage that was running")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", help="ranks per stage on this machine (torchrun)")] = 1,
+) -> None:
+    """Run a recipe's stages in order, each from the previous stage's final model, with hard-prompt filtering
+    between them; extra key=value arguments apply to every stage. Last stdout line: one JSON summary."""
+    import logging
+
+    from megatron_rl.config import ConfigError
+    from megatron_rl.recipe import RecipeRun, RecipeStepFailed
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = RecipeRun(recipe, list(ctx.args), resume, nproc).run()
+    except ConfigError as e:
+        _fail(str(e))
+    except RecipeStepFailed as e:
+        _fail(str(e), code=1)
+    print(json.dumps(summary), flush=True)
+
+
 @app.command("curate")
 def curate_cmd(
     input_path: Annotated[Path, typer.Argument(help="training rows, JSONL or Parquet")],

@@ -1,0 +1,275 @@
+"""`megatron-rl recipe RECIPE.yaml`: RL stages in order, each starting from the previous one's final model, with
+hard-prompt filtering between them.
+
+A recipe file:
+
+    name: tiny                     # runs go to RUN.OUTPUT_DIR/NAME/<step name>
+    steps:
+      - stage: math                # an RL stage: `megatron-rl train` with this config and overrides
+        config: configs/tiny_math.yaml
+        overrides: [run.steps=40]
+      - filter: hard               # hard-prompt filtering: `megatron-rl curate --difficulty` with the model
+        data: train.jsonl          #   so far, on this file (default: the next stage's data.train_path) ...
+        k: 8
+        max_pass_rate: 0.375
+        drop_unsolved: true
+      - stage: math_hard           # ... the next stage trains on what it kept
+        config: configs/tiny_math.yaml
+
+Each stage after the first starts from the previous stage's RUN_DIR/final_model (model.path), unless its
+overrides set model.path. Overrides given on the command line apply to every stage (e.g.
+run.output_dir=...). A step that finished (its result.json exists) is never run again; a stage that started
+and did not finish is continued from its latest checkpoint with --resume, and refused without it. The steps
+run as subprocesses (`python -m megatron_rl.cli train|curate`; under `--nproc N`, train through torchrun),
+so each gets a fresh process, as each job of a cluster recipe does. The last stdout line is one JSON object:
+{"stages": [{"name", "start_accuracy", "end_accuracy", "minutes"}, ...], "filtered": {"kept", "dropped"},
+"minutes"}, also written to RUN.OUTPUT_DIR/NAME/result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megatron_rl.config import ConfigError, load_config
+
+log = logging.getLogger("megatron_rl")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FilterStep(_Strict):
+    """Hard-prompt filtering with the model trained so far (data/curate.py with a Difficulty)."""
+
+    filter: str = Field(description="the step's name")
+    data: str | None = None  # rows to filter; default: the next stage's data.train_path
+    # The tiny stand-in when the stages train on the synthetic task: its first N training problems (and its
+    # held-out set, for the next stage's eval) are written as files and filtered.
+    synthetic: int | None = Field(None, ge=1)
+    k: int = Field(8, ge=1)
+    temperature: float = Field(0.6, ge=0)
+    max_pass_rate: float | None = Field(None, ge=0, le=1)
+    drop_unsolved: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FilterStep:
+        if self.data is not None and self.synthetic is not None:
+            raise ValueError("give 'data' or 'synthetic', not both")
+        return self
+
+
+class StageStep(_Strict):
+    stage: str = Field(description="the stage's name")
+    config: str
+    overrides: list[str] = Field(default_factory=list)
+
+
+class Recipe(_Strict):
+    name: str
+    steps: list[StageStep | FilterStep]
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        names = [s.stage if isinstance(s, StageStep) else s.filter for s in self.steps]
+        if len(set(names)) != len(names):
+            raise ValueError(f"step names must be unique, got {names}")
+        if not self.steps or not isinstance(self.steps[0], StageStep):
+            raise ValueError("the first step must be a stage (a filter needs a model trained before it)")
+        for i, step in enumerate(self.steps):
+            if isinstance(step, FilterStep) and (
+                i + 1 == len(self.steps) or not isinstance(self.steps[i + 1], StageStep)
+            ):
+                raise ValueError(
+                    f"filter '{step.filter}' must be followed by a stage, which trains on what it keeps"
+                )
+        return self
+
+
+def load_recipe(path: Path) -> Recipe:
+    if not path.is_file():
+        raise ConfigError(f"recipe file '{path}' does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text())
+        return Recipe.model_validate(tree)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"{path}: recipe key '{where}': {first['msg']}") from None
+
+
+def _resolve(path: str, base: Path) -> str:
+    """A path in a recipe is relative to the recipe file, unless it exists from here."""
+    p = Path(path)
+    return str(p if p.is_absolute() or p.exists() else base / p)
+
+
+class RecipeRun:
+    def __init__(self, recipe_path: Path, overrides: list[str], resume: bool, nproc: int = 1):
+        self.path = recipe_path
+        self.recipe = load_recipe(recipe_path)
+        self.overrides, self.resume, self.nproc = overrides, resume, nproc
+        first = self.recipe.steps[0]
+        # Where the runs go: the first stage's config with the command-line overrides decides.
+        cfg = load_config(_resolve(first.config, recipe_path.parent), [*first.overrides, *overrides])
+        self.root = Path(cfg.run.output_dir) / self.recipe.name
+
+    def stage_overrides(self, step: StageStep, model: str | None, data: dict[str, str]) -> list[str]:
+        """The stage's own overrides, what the steps before it decide (model, data), then the command line."""
+        own = list(step.overrides)
+        chained = []
+        if model is not None and not any(o.startswith("model.path=") for o in own):
+            chained.append(f"model.path={model}")
+        for key, value in data.items():
+            if not any(o.startswith(f"{key}=") for o in own):
+                chained.append(f"{key}={value}")
+        return [*own, *chained, *self.overrides, f"run.name={self.recipe.name}/{step.stage}"]
+
+    def run(self) -> dict:
+        started = time.perf_counter()
+        self.root.mkdir(parents=True, exist_ok=True)
+        model: str | None = None
+        data: dict[str, str] = {}
+        stages, filtered = [], {"kept": 0, "dropped": 0}
+        for i, step in enumerate(self.recipe.steps):
+            if isinstance(step, StageStep):
+                result = self.run_stage(step, model, data)
+                stages.append(
+                    {
+                        "name": step.stage,
+                        "start_accuracy": result["sft_accuracy"],
+                        "end_accuracy": result["rl_accuracy"],
+                        "minutes": result["minutes"],
+                    }
+                )
+                model, data = str(Path(result["run_dir"]) / "final_model"), {}
+            else:
+                report, data = self.run_filter(step, model, self.recipe.steps[i + 1])
+                filtered["kept"] += report["kept"]
+                filtered["dropped"] += report["input_rows"] - report["kept"]
+        summary = {
+            "stages": stages,
+            "filtered": filtered,
+            "minutes": round((time.perf_counter() - started) / 60, 2),
+        }
+        (self.root / "result.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def run_stage(self, step: StageStep, model: str | None, data: dict[str, str]) -> dict:
+        config = _resolve(step.config, self.path.parent)
+        overrides = self.stage_overrides(step, model, data)
+        cfg = load_config(config, overrides)  # a bad stage fails here, before anything runs
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        done = run_dir / "result.json"
+        if done.is_file():
+            log.info(
+                "recipe %s: stage %s finished before (%s), not run again", self.recipe.name, step.stage, done
+            )
+            return json.loads(done.read_text())
+        started_before = (run_dir / "config.yaml").is_file()
+        if started_before and not self.resume:
+            raise ConfigError(
+                f"stage '{step.stage}' was started before in {run_dir} and did not finish: pass --resume to "
+                "continue it from its latest checkpoint (or remove the directory to start it afresh)"
+            )
+        log.info(
+            "recipe %s: stage %s (%s)%s",
+            self.recipe.name,
+            step.stage,
+            config,
+            " resumed" if started_before else "",
+        )
+        launcher = [sys.executable]
+        if self.nproc > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}"]
+        args = [*launcher, "-m", "megatron_rl.cli", "train", "--config", config, *overrides]
+        if started_before:
+            args.append("--resume")
+        proc = subprocess.run(args, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RecipeStepFailed(
+                f"stage '{step.stage}' exited with status {proc.returncode}; see its log above",
+                proc.returncode,
+            )
+        return json.loads(done.read_text())
+
+    def run_filter(self, step: FilterStep, model: str, next_stage: StageStep) -> tuple[dict, dict[str, str]]:
+        """Filter the next stage's training rows with `model`; returns the report and the data overrides that
+        point the next stage at the kept rows."""
+        out = self.root / step.filter
+        report_path = out / "report.json"
+        chained: dict[str, str] = {}
+        if step.synthetic is not None:
+            source, held_out = out / "input.jsonl", out / "heldout.jsonl"
+            chained["data.eval_path"] = str(held_out)
+        elif step.data is not None:
+            source = Path(_resolve(step.data, self.path.parent))
+        else:
+            cfg = load_config(
+                _resolve(next_stage.config, self.path.parent), [*next_stage.overrides, *self.overrides]
+            )
+            if cfg.data.train_path is None:
+                raise ConfigError(
+                    f"filter '{step.filter}': give 'data' (or 'synthetic'), since stage '{next_stage.stage}' sets no "
+                    "data.train_path"
+                )
+            source = Path(cfg.data.train_path)
+        chained.update({"data.source": "file", "data.train_path": str(out / "curated.jsonl")})
+        if report_path.is_file():
+            log.info("recipe %s: filter %s finished before, not run again", self.recipe.name, step.filter)
+            return json.loads(report_path.read_text()), chained
+        out.mkdir(parents=True, exist_ok=True)
+        if step.synthetic is not None:
+            self._write_synthetic(next_stage, step.synthetic, source, held_out)
+        args = [
+            sys.executable, "-m", "megatron_rl.cli", "curate", str(source), "--out", str(out), "--difficulty",
+            "--model", model, "--k", str(step.k), "--temperature", str(step.temperature),
+        ]  # fmt: skip
+        if step.max_pass_rate is not None:
+            args += ["--max-pass-rate", str(step.max_pass_rate)]
+        if step.drop_unsolved:
+            args.append("--drop-unsolved")
+        log.info("recipe %s: filter %s on %s with %s", self.recipe.name, step.filter, source, model)
+        proc = subprocess.run(args, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            raise RecipeStepFailed(
+                f"filter '{step.filter}' exited with status {proc.returncode}", proc.returncode
+            )
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        if report["kept"] == 0:
+            raise ConfigError(
+                f"filter '{step.filter}' kept no row of {source}: loosen max_pass_rate or drop_unsolved"
+            )
+        report_path.write_text(json.dumps(report, indent=1))
+        return report, chained
+
+    def _write_synthetic(self, next_stage: StageStep, count: int, train: Path, held_out: Path) -> None:
+        from megatron_rl.data.arithmetic import ArithmeticTask
+
+        cfg = load_config(
+            _resolve(next_stage.config, self.path.parent), [*next_stage.overrides, *self.overrides]
+        )
+        task = ArithmeticTask(cfg.data.seed, cfg.data.synthetic_digits, cfg.data.synthetic_eval_size)
+        with train.open("w") as f:
+            for i in range(count):
+                p = task.train_problem(i)
+                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
+        with held_out.open("w") as f:
+            for p in task.eval_set():
+                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
+
+
+class RecipeStepFailed(RuntimeError):
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
