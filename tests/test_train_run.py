@@ -174,11 +174,11 @@ def test_eval_of_the_final_model_reproduces_the_runs_held_out_accuracy(two_runs,
     )
     assert bad.returncode == 2 and "missing.jsonl' does not exist" in bad.stderr
 
-    # Difficulty grading through the same sampling path: with every fifth answer made wrong, those rows are
+    # Difficulty grading through the same sampling path: with every fifth answer made impossible, those rows are
     # never solved, and the filter removes and keeps what its counts say (exact duplicates go first).
     problems = [json.loads(line) for line in data.read_text().splitlines()]
     for i in range(0, len(problems), 5):
-        problems[i]["answer"] = str(int(problems[i]["answer"]) + 1)
+        problems[i]["answer"] = "-1"  # a sum of two digits the model never writes
     graded = tmp_path / "graded.jsonl"
     graded.write_text("".join(json.dumps(p) + "\n" for p in problems))
     curated = subprocess.run(
