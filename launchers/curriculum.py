@@ -1,45 +1,44 @@
-"""The AceReason stage curriculum as config overrides (no NeMo-Run import here: usable without it).
+"""The AceReason stage curriculum per domain, read from the recipe files (no NeMo-Run import here: usable
+without it).
 
-Each stage config (configs/{math,code}_stage_{7b,14b}.yaml) is the first stage of its domain; a later stage is
-the same file plus the overrides below. The layout (TP, recompute, micro-batch budget, vLLM memory share) is the
-same for every stage, sized for the longest one; only the response length, samples per prompt, temperature,
-overlong filtering and the number of sequences one vLLM engine runs at once change; the last is derived from
-`megatron-rl plan` for each stage. tests/test_plan.py checks that every stage fits.
-
-Sources, as in the config files: [A] arXiv 2505.16400, [B] arXiv 2506.13284, [C] the AceMath-RL blog.
-- math: 8K -> 16K -> 24K -> 32K responses [A][C]; stages 3 and 4 train on the hard prompts only (about 2K
-  problems selected by pass rate [C]: point data.train_path at that subset); overlong filtering on for the
-  8K/16K budgets and off for 24K/32K [B]; 8 or 16 samples per prompt [B] (8 at 8K, 16 after: our choice).
-- code: stage 1 at 24,000 tokens, temperature 0.6, 8 samples; stage 2 at 32,768 tokens, temperature raised
-  from 0.6 to 1.0 and samples from 8 to 16 over its epochs, easy problems filtered out after each epoch [A].
-  "2" is stage 2's first epoch, "2-final" its last setting.
+configs/recipe_acereason_{7b,14b}.yaml are the schedule (`megatron-rl recipe` runs them; sources are cited
+there). Each stage config (configs/{math,code}_stage_{7b,14b}.yaml) is the first stage of its domain; a later
+stage is the same file plus its recipe overrides. The layout (TP, recompute, micro-batch budget, vLLM memory
+share) is the same for every stage, sized for the longest one; only the response length, samples per prompt,
+temperature, overlong filtering and the number of sequences one vLLM engine runs at once change; the last is
+derived from `megatron-rl plan` for each stage. tests/test_plan.py checks that every stage fits.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from megatron_rl.config import load_config
 from megatron_rl.plan import fitting_max_num_seqs
+from megatron_rl.recipe import StageStep, load_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 TINY_CONFIG = CONFIGS / "tiny_math.yaml"
 
-# domain -> stage -> overrides shared by both model sizes
-STAGES: dict[str, dict[str, list[str]]] = {
-    "math": {
-        "1": [],
-        "2": ["rollout.max_response_tokens=16384", "rollout.group_size=16"],
-        "3": ["rollout.max_response_tokens=24576", "rollout.group_size=16", "grpo.overlong_filtering=false"],
-        "4": ["rollout.max_response_tokens=32768", "rollout.group_size=16", "grpo.overlong_filtering=false"],
-    },
-    "code": {
-        "1": [],
-        "2": ["rollout.max_response_tokens=32768"],
-        "2-final": ["rollout.max_response_tokens=32768", "rollout.temperature=1.0", "rollout.group_size=16"],
-    },
-}
+
+def recipe_path(model: str) -> Path:
+    return CONFIGS / f"recipe_acereason_{model}.yaml"
+
+
+def _stages(model: str) -> dict[str, dict[str, list[str]]]:
+    """domain -> stage -> overrides, from the recipe's stage steps named DOMAIN + STAGE (e.g. math3, code2-final)."""
+    stages: dict[str, dict[str, list[str]]] = {}
+    for step in load_recipe(recipe_path(model)).steps:
+        if isinstance(step, StageStep):
+            domain, stage = re.fullmatch(r"(math|code)(.+)", step.stage).groups()
+            stages.setdefault(domain, {})[stage] = list(step.overrides)
+    return stages
+
+
+# domain -> stage -> overrides shared by both model sizes (tests/test_plan.py checks that the 14B recipe agrees)
+STAGES: dict[str, dict[str, list[str]]] = _stages("7b")
 
 MODELS = ("7b", "14b")
 

@@ -17,7 +17,10 @@ A recipe file:
         config: configs/tiny_math.yaml
 
 Each stage after the first starts from the previous stage's RUN_DIR/final_model (model.path), unless its
-overrides set model.path. Overrides given on the command line apply to every stage (e.g.
+overrides set model.path; the first from the recipe's `model:` when given. `data: {math: FILE, code: FILE}`
+gives each stage the training file of its domain (data.reward), unless a filter step before it decides.
+${VAR} in `model:`, `data:` and a filter's `data` comes from the environment. With `fit_max_num_seqs: true`
+each stage runs as many sequences per vLLM engine as `megatron-rl plan` finds its KV cache holds. Overrides given on the command line apply to every stage (e.g.
 run.output_dir=...). A step that finished (its result.json exists) is never run again; a stage that started
 and did not finish is continued from its latest checkpoint with --resume, and refused without it. The steps
 run as subprocesses (`python -m megatron_rl.cli train|curate`; under `--nproc N`, train through torchrun),
@@ -30,10 +33,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -76,6 +82,9 @@ class StageStep(_Strict):
 class Recipe(_Strict):
     name: str
     steps: list[StageStep | FilterStep]
+    model: str | None = None  # the first stage's model.path (${VAR}: from the environment)
+    data: dict[Literal["math", "code"], str] = Field(default_factory=dict)  # training file per stage domain
+    fit_max_num_seqs: bool = False  # each stage's rollout.max_num_seqs from `megatron-rl plan` (what fits)
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -108,6 +117,15 @@ def load_recipe(path: Path) -> Recipe:
         raise ConfigError(f"{path}: recipe key '{where}': {first['msg']}") from None
 
 
+def _expand(value: str, what: str) -> str:
+    """`value` with ${VAR} and $VAR taken from the environment; an unset one is an error naming it."""
+    expanded = os.path.expandvars(value)
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise ConfigError(f"recipe {what}: environment variable {unset.group(1)} is not set")
+    return expanded
+
+
 def _resolve(path: str, base: Path) -> str:
     """A path in a recipe is relative to the recipe file, unless it exists from here."""
     p = Path(path)
@@ -124,16 +142,35 @@ class RecipeRun:
         cfg = load_config(_resolve(first.config, recipe_path.parent), [*first.overrides, *overrides])
         self.root = Path(cfg.run.output_dir) / self.recipe.name
 
+    def domain(self, step: StageStep) -> str:
+        return load_config(_resolve(step.config, self.path.parent), list(step.overrides)).data.reward
+
+    def training_file(self, step: StageStep) -> str | None:
+        """The recipe's training file for the stage's domain (`data:`), if it names one."""
+        value = self.recipe.data.get(self.domain(step))
+        return None if value is None else _expand(value, f"data.{self.domain(step)}")
+
     def stage_overrides(self, step: StageStep, model: str | None, data: dict[str, str]) -> list[str]:
-        """The stage's own overrides, what the steps before it decide (model, data), then the command line."""
+        """The stage's own overrides; the recipe's training file for its domain; what the steps before it decide
+        (the model, and a filter's kept rows, which win over any training file); the command line; its run name;
+        and, with fit_max_num_seqs, the sequences per engine the plan finds room for."""
         own = list(step.overrides)
         chained = []
+        if model is None and self.recipe.model is not None:
+            model = _expand(self.recipe.model, "model")
         if model is not None and not any(o.startswith("model.path=") for o in own):
             chained.append(f"model.path={model}")
-        for key, value in data.items():
-            if not any(o.startswith(f"{key}=") for o in own):
-                chained.append(f"{key}={value}")
-        return [*own, *chained, *self.overrides, f"run.name={self.recipe.name}/{step.stage}"]
+        training = self.training_file(step)
+        if training is not None and "data.train_path" not in data:
+            chained += ["data.source=file", f"data.train_path={training}"]
+        chained += [f"{key}={value}" for key, value in data.items()]
+        overrides = [*own, *chained, *self.overrides, f"run.name={self.recipe.name}/{step.stage}"]
+        if self.recipe.fit_max_num_seqs:
+            from megatron_rl.plan import fitting_max_num_seqs
+
+            seqs = fitting_max_num_seqs(load_config(_resolve(step.config, self.path.parent), overrides))
+            overrides.append(f"rollout.max_num_seqs={'null' if seqs is None else seqs}")
+        return overrides
 
     def run(self) -> dict:
         started = time.perf_counter()
@@ -213,7 +250,9 @@ class RecipeRun:
             source, held_out = out / "input.jsonl", out / "heldout.jsonl"
             chained["data.eval_path"] = str(held_out)
         elif step.data is not None:
-            source = Path(_resolve(step.data, self.path.parent))
+            source = Path(_resolve(_expand(step.data, f"filter {step.filter} data"), self.path.parent))
+        elif self.training_file(next_stage) is not None:
+            source = Path(self.training_file(next_stage))
         else:
             cfg = load_config(
                 _resolve(next_stage.config, self.path.parent), [*next_stage.overrides, *self.overrides]

@@ -127,3 +127,41 @@ def test_tiny_recipe_file_loads():
         "math_hard",
     ]
     assert run.root == Path("/tmp/nowhere/recipe_tiny")
+
+
+def test_acereason_recipes_are_the_curriculum(monkeypatch):
+    """The 7B and 14B recipe files hold the same stages; each stage gets the domain's training file, the first
+    one the model, and the sequences per engine the plan finds room for (what launchers/curriculum.py gives)."""
+    from launchers.curriculum import STAGES, _stages, recipe_path, stage_overrides
+    from megatron_rl.recipe import StageStep
+
+    assert _stages("14b") == STAGES and list(STAGES) == ["math", "code"]
+    with pytest.raises(ConfigError, match="environment variable MODEL_PATH is not set"):
+        run = RecipeRun(recipe_path("7b"), [], resume=False)
+        run.stage_overrides(run.recipe.steps[0], None, {})
+    monkeypatch.setenv("MODEL_PATH", "/models/r1-distill-7b")
+    monkeypatch.setenv("MATH_DATA", "/data/math.jsonl")
+    monkeypatch.setenv("CODE_DATA", "/data/code.jsonl")
+    for model in ("7b", "14b"):
+        run = RecipeRun(recipe_path(model), ["run.output_dir=/tmp/nowhere"], resume=False)
+        stages = [s for s in run.recipe.steps if isinstance(s, StageStep)]
+        assert [s.stage for s in stages] == [
+            "math1",
+            "math2",
+            "math3",
+            "code1",
+            "code2",
+            "code2-final",
+            "math4",
+        ]
+        for i, step in enumerate(stages):
+            overrides = run.stage_overrides(step, None if i == 0 else "/runs/previous/final_model", {})
+            domain, stage = step.stage[:4], step.stage[4:]
+            assert overrides[-1] == stage_overrides(domain, model, stage)[-1]  # rollout.max_num_seqs
+            assert f"data.train_path=/data/{domain}.jsonl" in overrides
+            assert ("model.path=/models/r1-distill-7b" in overrides) == (i == 0)
+        # A filter's kept rows win over the domain's file.
+        kept = run.stage_overrides(
+            stages[2], "/m", {"data.source": "file", "data.train_path": "/f/curated.jsonl"}
+        )
+        assert [o for o in kept if o.startswith("data.train_path=")] == ["data.train_path=/f/curated.jsonl"]
