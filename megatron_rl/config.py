@@ -65,6 +65,10 @@ class RolloutCfg(Strict):
     # (vLLM's external launcher), world_size / tensor_parallel_size engines, each generating a slice of the step.
     engine_ranks: Literal["driver", "all"] = "driver"
     engine_nodes: int = Field(0, ge=0)  # nodes given to vLLM when placement is separate
+    # 0: each step samples its batch with the weights of the step before (strictly on-policy). 1: the engines
+    # sample the next step's batch while the trainer updates on this one, so a batch is one update old when
+    # it is trained on (train/rollout_queue.py); the loss corrects that with grpo.tis_cap / mask_* bounds.
+    staleness: int = Field(0, ge=0, le=1)
     # separate: the engine servers (`megatron-rl serve-rollout --rendezvous DIR`) announce themselves in this
     # directory (default RUN_DIR/engines), and the trainer waits up to engine_wait_s for num_engines of them
     # (default engine_nodes * cluster.gpus_per_node / tensor_parallel_size; slurm/ passes what it started).

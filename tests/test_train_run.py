@@ -255,6 +255,51 @@ def test_kill_and_resume_matches_uninterrupted(two_runs):
             assert torch.equal(value, b[key]), key
 
 
+def test_staleness_one_trains_on_batches_one_update_old_and_resumes_exactly(tmp_path):
+    """rollout.staleness=1 (one rank, the engine in its process, sampling in a background thread): step 1's batch
+    is sampled with the starting weights, every later one with the weights before the previous update (staleness
+    1, never more); the importance correction sees the lag. A resume from the step-2 checkpoint (which holds the
+    batch sampled ahead for step 3) continues exactly like the uninterrupted run."""
+    import shutil
+
+    def args(name: str) -> list[str]:
+        return [*_args(tmp_path, name, 4), "rollout.staleness=1", "grpo.tis_cap=2", "run.keep_checkpoints=0"]
+
+    run = subprocess.run(args("ahead"), capture_output=True, text=True, timeout=900, env=PIPELINE_ENV)
+    assert run.returncode == 0, run.stderr[-4000:]
+    full = _last_per_step(tmp_path / "ahead")
+    assert [full[s]["staleness_max"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 1.0, 1.0]
+    assert all(full[s]["staleness_mean"] == full[s]["staleness_max"] for s in full)
+    assert full[1]["mismatch_max_abs_diff"] < 1e-5 < full[2]["mismatch_max_abs_diff"]  # the one-update lag
+    assert all("tis_clipped_fraction" in r and "time_rollout_wait_s" in r for r in full.values())
+
+    # The state of a run killed right after its step-2 checkpoint: that checkpoint, metrics up to step 2.
+    copy = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ahead", copy)
+    (copy / "checkpoints" / "latest").write_text("step_000002")
+    for path in (copy / "checkpoints" / "step_000004", copy / "final_model"):
+        shutil.rmtree(path)
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (copy / "metrics.jsonl").write_text(
+        "".join(line + "\n" for line in lines if json.loads(line)["step"] <= 2)
+    )
+    resumed = subprocess.run(
+        [*args(copy.name), "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=PIPELINE_ENV,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    again = _last_per_step(copy)
+    for step in (3, 4):
+        assert _deterministic(again[step]) == _deterministic(full[step]), step
+    a, b = _weights(tmp_path / "ahead", 4), _weights(copy, 4)
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, b[key]), key
+
+
 def _sft_args(out: Path, name: str, pairs: Path) -> list[str]:
     return [
         sys.executable, "-m", "megatron_rl.cli", "sft", f"run.output_dir={out}", f"run.name={name}",

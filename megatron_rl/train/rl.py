@@ -26,6 +26,7 @@ from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, sav
 from megatron_rl.train.evaluate import evaluate
 from megatron_rl.train.metrics import MetricsLogger
 from megatron_rl.train.optimizer import build_optimizer
+from megatron_rl.train.rollout_queue import RolloutQueue, batch_from_state
 from megatron_rl.train.rollouts import collect_rollouts, fitting_prompts
 from megatron_rl.train.sft import run_sft
 from megatron_rl.train.update import policy_update
@@ -196,6 +197,29 @@ def separate_engine_count(cfg: Config) -> int:
     return gpus // cfg.rollout.tensor_parallel_size
 
 
+def check_staleness(cfg: Config) -> None:
+    """rollout.staleness 1 samples in a background thread of rank 0 while the policy trains: it needs engines
+    that neither sleep during training (a colocated GPU engine does) nor take part in the trainer's
+    collectives (engines on every rank do)."""
+    if not cfg.rollout.staleness:
+        return
+    if engines_everywhere(cfg):
+        raise ConfigError(
+            "config key 'rollout.staleness': 1 samples while the policy trains, which engines on every trainer "
+            "rank (rollout.engine_ranks='all') cannot; use rollout.placement='separate' or engine_ranks='driver'"
+        )
+    if torch.cuda.is_available() and cfg.rollout.placement == "colocated":
+        raise ConfigError(
+            "config key 'rollout.staleness': 1 samples while the policy trains, but a colocated engine shares "
+            "the trainer's GPUs and sleeps during the update; use rollout.placement='separate'"
+        )
+    if not (cfg.grpo.tis_cap or cfg.grpo.mask_token_ratio or cfg.grpo.mask_sequence_ratio):
+        log.warning(
+            "rollout.staleness=1 without grpo.tis_cap or grpo.mask_*: batches one update old are trained on "
+            "without an importance correction"
+        )
+
+
 def train(cfg: Config, resume: bool = False) -> dict:
     started = time.perf_counter()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -211,6 +235,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         )
     if separate:
         separate_engine_count(cfg)  # a config that cannot hold one engine fails before the model loads
+    check_staleness(cfg)
     if is_driver():
         (run_dir / "config.yaml").write_text(json.dumps(cfg.model_dump(), indent=1))
     dataset, eval_problems, sft_task = load_data(cfg)
@@ -285,16 +310,20 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if is_driver()
         else None
     )
+
+    def collect(step: int, data_position: int):
+        seed = cfg.run.seed * 1_000_003 + step * 10_007
+        return collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position, seed)
+
+    rollouts = RolloutQueue(collect, cfg.rollout.staleness, batch_from_state(state.get("pending_batch")))
+    sleeps = engine is not None and not cfg.rollout.staleness  # at staleness 1 engines sample during updates
     for step in range(state["step"] + 1, cfg.run.steps + 1):
         t_step = time.perf_counter()
-        seed = cfg.run.seed * 1_000_003 + step * 10_007
-        batch = (
-            collect_rollouts(engine, pool, dataset, tokenizer, cfg, state["data_position"], seed)
-            if engine is not None
-            else None
-        )
+        batch = rollouts.take(step, state["data_position"]) if engine is not None else None
         batch = broadcast(batch)  # with engines on every rank all hold it already: rank 0's timings win
         if engine is not None:
+            rollouts.start_next(step, batch.data_position, cfg.run.steps)  # staleness 1 only
+        if sleeps:
             engine.sleep()  # colocated on a GPU: vLLM's weights and KV cache make room for training
         t_train = time.perf_counter()
         train_metrics = policy_update(policy, optimizer, batch, cfg, step)
@@ -302,18 +331,24 @@ def train(cfg: Config, resume: bool = False) -> dict:
         # Memory order: training's gradients and cached blocks go, then vLLM's weights come back and take the
         # push, and only then its KV cache (the largest allocation) returns.
         policy.release_grads()
-        if engine is not None:
+        waited = rollouts.wait()  # staleness 1: engines finish the next batch before they take new weights
+        if sleeps:
             engine.wake_up(["weights"])
         sync_metrics = sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
-        if engine is not None:
+        if sleeps:
             engine.wake_up(["kv_cache"])
-        state = {"step": step, "data_position": batch.data_position}
+        state = {
+            "step": step,
+            "data_position": batch.data_position,
+            "pending_batch": rollouts.pending_state(),
+        }
         step_seconds = time.perf_counter() - t_step
         response_tokens = sum(len(r) for r in batch.responses)
         metrics = {
             **batch.stats,
             **train_metrics,
             **sync_metrics,
+            **waited,
             "time_train_s": train_seconds,
             "time_step_s": step_seconds,
             "tokens_per_s": response_tokens / step_seconds,
@@ -329,6 +364,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             save_checkpoint(ckpt_root, step, policy, optimizer, state, cfg.run.keep_checkpoints)
         if stop:
             preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, pool))
+    rollouts.close()
     if metrics_log:
         metrics_log.close()
 

@@ -30,6 +30,8 @@ class RolloutBatch:
     trained: list[bool]  # contributes to the loss
     texts: list[str] = field(default_factory=list)
     data_position: int = 0  # the next unused prompt index after this batch
+    # per sample: the weights it was sampled with, as the RL step after which they were synced (0: the start)
+    policy_versions: list[int] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
 
 
