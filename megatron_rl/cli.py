@@ -348,6 +348,7 @@ BENCHMARKS: dict[str, str] = {
     "update": "One policy-update step: Megatron schedule + DDP buckets vs per-parameter reduction, ~150M model.",
     "parity": "Log-probs of vLLM's samples: vLLM vs the trainer's recomputation, each vs a float64 reference.",
     "curate": "Decontamination and dedup of a 100k-row file vs reading and writing it.",
+    "overlap": "RL steps per minute, rollout.staleness 0 vs 1, engine server in its own process.",
 }
 
 

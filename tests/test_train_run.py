@@ -256,16 +256,25 @@ def test_kill_and_resume_matches_uninterrupted(two_runs):
 
 
 def test_staleness_one_trains_on_batches_one_update_old_and_resumes_exactly(tmp_path):
-    """rollout.staleness=1 (one rank, the engine in its process, sampling in a background thread): step 1's batch
-    is sampled with the starting weights, every later one with the weights before the previous update (staleness
-    1, never more); the importance correction sees the lag. A resume from the step-2 checkpoint (which holds the
-    batch sampled ahead for step 3) continues exactly like the uninterrupted run."""
+    """rollout.staleness=1 with the engine in a server process of its own (placement=separate), sampling from the
+    trainer's background thread: step 1's batch is sampled with the starting weights, every later one with the
+    weights before the previous update (staleness 1, never more); the importance correction sees the lag. A
+    resume from the step-2 checkpoint (which holds the batch sampled ahead for step 3) continues exactly like
+    the uninterrupted run."""
     import shutil
 
-    def args(name: str) -> list[str]:
-        return [*_args(tmp_path, name, 4), "rollout.staleness=1", "grpo.tis_cap=2", "run.keep_checkpoints=0"]
+    from megatron_rl.bench.overlap import train_with_engine_server
 
-    run = subprocess.run(args("ahead"), capture_output=True, text=True, timeout=900, env=PIPELINE_ENV)
+    def train(name: str, *extra: str):
+        args = [
+            *_args(tmp_path, name, 4)[4:],
+            "rollout.staleness=1",
+            "grpo.tis_cap=2",
+            "run.keep_checkpoints=0",
+        ]
+        return train_with_engine_server([*args, *extra], tmp_path / f"{name}_engines", 900, PIPELINE_ENV)
+
+    run = train("ahead")
     assert run.returncode == 0, run.stderr[-4000:]
     full = _last_per_step(tmp_path / "ahead")
     assert [full[s]["staleness_max"] for s in (1, 2, 3, 4)] == [0.0, 1.0, 1.0, 1.0]
@@ -283,13 +292,7 @@ def test_staleness_one_trains_on_batches_one_update_old_and_resumes_exactly(tmp_
     (copy / "metrics.jsonl").write_text(
         "".join(line + "\n" for line in lines if json.loads(line)["step"] <= 2)
     )
-    resumed = subprocess.run(
-        [*args(copy.name), "--resume"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=PIPELINE_ENV,
-    )
+    resumed = train(copy.name, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     again = _last_per_step(copy)
     for step in (3, 4):
