@@ -27,11 +27,30 @@ def test_default_config_loads_and_overrides_apply():
         ("rollout.temperature=-1", "config key 'rollout.temperature'"),
         ("nonsense", "must look like section.key=value"),
         ("grpo.max_tokens_per_microbatch=1000", "config key 'grpo.max_tokens_per_microbatch': 1000 is below"),
+        ("rollout.staleness=2", "config key 'rollout.staleness'"),
     ],
 )
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(None, [override])
+
+
+def test_staleness_one_is_refused_where_engines_cannot_sample_during_the_update(monkeypatch, caplog):
+    """Engines on every rank take part in the trainer's collectives; a colocated GPU engine sleeps while the
+    policy trains: neither can sample beside the update. Without any correction it runs, with a warning."""
+    from megatron_rl.train import rl
+
+    cfg = load_config(None, ["rollout.staleness=1", "rollout.engine_ranks=all"])
+    monkeypatch.setattr(rl, "engines_everywhere", lambda cfg: cfg.rollout.engine_ranks == "all")
+    with pytest.raises(ConfigError, match="config key 'rollout.staleness'.*engine_ranks='all'"):
+        rl.check_staleness(cfg)
+    cfg = load_config(None, ["rollout.staleness=1"])
+    monkeypatch.setattr(rl.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="colocated engine shares the trainer's GPUs"):
+        rl.check_staleness(cfg)
+    rl.check_staleness(load_config(None, ["rollout.staleness=1", "rollout.placement=separate"]))
+    assert "without an importance correction" in caplog.text
+    rl.check_staleness(load_config(None, ["rollout.staleness=0", "rollout.engine_ranks=all"]))
 
 
 def test_missing_config_file():
