@@ -39,7 +39,8 @@ class ModelCfg(Strict):
 
 
 class DataCfg(Strict):
-    source: Literal["synthetic_arithmetic", "file"] = "synthetic_arithmetic"
+    # synthetic_arithmetic (math reward) and synthetic_code (code reward): the tiny tasks built locally (data/)
+    source: Literal["synthetic_arithmetic", "synthetic_code", "file"] = "synthetic_arithmetic"
     reward: Literal["math", "code"] = "math"  # math: \\boxed{} vs answer; code: rows carry tests (+ fn_name)
     train_path: str | None = None  # JSONL or Parquet with fields prompt, answer
     eval_path: str | None = None
@@ -220,6 +221,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ValidationError as e:
         raise ConfigError(f"{path}: {_describe(e)}") from None
     check_sample_fits_microbatch(cfg, str(path))
+    if cfg.data.source == "synthetic_code" and cfg.data.reward != "code":
+        raise ConfigError(
+            f"{path}: config key 'data.reward' must be 'code' with data.source 'synthetic_code'"
+        )
     return cfg
 
 

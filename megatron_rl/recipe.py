@@ -293,19 +293,16 @@ class RecipeRun:
         return report, chained
 
     def _write_synthetic(self, next_stage: StageStep, count: int, train: Path, held_out: Path) -> None:
-        from megatron_rl.data.arithmetic import ArithmeticTask
+        from megatron_rl.data.synthetic import problem_row, synthetic_task
 
         cfg = load_config(
             _resolve(next_stage.config, self.path.parent), [*next_stage.overrides, *self.overrides]
         )
-        task = ArithmeticTask(cfg.data.seed, cfg.data.synthetic_digits, cfg.data.synthetic_eval_size)
+        task = synthetic_task(cfg.data)
         with train.open("w") as f:
-            for i in range(count):
-                p = task.train_problem(i)
-                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
+            f.writelines(problem_row(task.train_problem(i)) for i in range(count))
         with held_out.open("w") as f:
-            for p in task.eval_set():
-                f.write(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n")
+            f.writelines(problem_row(p) for p in task.eval_set())
 
 
 class RecipeStepFailed(RuntimeError):

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megatron_rl.config import Config, ConfigError
-from megatron_rl.data.arithmetic import ArithmeticTask
 from megatron_rl.data.dataset import Problem, load_prompt_dataset
+from megatron_rl.data.synthetic import synthetic_task
 from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
 from megatron_rl.rollout.weight_sync import WeightStream
@@ -121,10 +121,8 @@ def prepare_base_model(cfg: Config, run_dir: Path) -> Path:
 
 
 def load_data(cfg: Config):
-    if cfg.data.source == "synthetic_arithmetic":
-        task = ArithmeticTask(
-            seed=cfg.data.seed, digits=cfg.data.synthetic_digits, eval_size=cfg.data.synthetic_eval_size
-        )
+    if cfg.data.source != "file":
+        task = synthetic_task(cfg.data)
         return task, task.eval_set(), task
     kind = cfg.data.reward
     train = load_prompt_dataset(cfg.data.train_path, kind) if cfg.data.train_path else None
