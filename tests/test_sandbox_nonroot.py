@@ -209,3 +209,30 @@ def test_adversarial_suite_as_a_busy_ordinary_user(user, package_copy, busy_proc
         _tree_digest(REWARDS_SRC),
         _tree_digest(package_copy / "megatron_rl" / "rewards"),
     ) == digest_before
+
+
+def _doctor(user: pwd.struct_passwd, package_copy: Path, *prefix: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, SYSTEM_PYTHON, "-m", "megatron_rl.rewards.cli", "doctor", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package_copy), "HOME": "/"},
+        **_as_user(user),
+    )
+
+
+def test_doctor_reports_the_mechanism_for_a_busy_user(user, package_copy, busy_process) -> None:
+    done = _doctor(user, package_copy)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    assert lines["mechanism"].startswith(USERNS_NPROC)
+    assert int(lines["tasks of this uid"].split(";")[0]) > BUSY_THREADS
+    assert {"bubblewrap", "user namespaces", "cgroup", "subordinate uids"} <= set(lines)
+
+
+def test_doctor_refuses_in_one_line_without_room_under_the_hard_limit(user, package_copy) -> None:
+    done = _doctor(user, package_copy, "prlimit", "--nproc=20")  # below 2 workers x 32 processes
+    assert done.returncode == 1, done.stdout + done.stderr
+    last = done.stdout.splitlines()[-1]
+    assert last.startswith("mechanism: none: ") and "ulimit -Hu" in last and "raise nproc" in last
