@@ -236,3 +236,37 @@ def test_doctor_refuses_in_one_line_without_room_under_the_hard_limit(user, pack
     assert done.returncode == 1, done.stdout + done.stderr
     last = done.stdout.splitlines()[-1]
     assert last.startswith("mechanism: none: ") and "ulimit -Hu" in last and "raise nproc" in last
+
+
+def test_no_user_namespaces_refuses_in_one_line(user, package_copy) -> None:
+    """Inside a bwrap that forbids new user namespaces (--disable-userns), the doctor and the code reward both
+    refuse with one line naming what to enable, and no program runs."""
+    rows = package_copy / "rows.jsonl"
+    good = "```python\nprint(sum(map(int, input().split())))\n```"
+    rows.write_text(
+        json.dumps({"response": good, "tests": [{"input": "2 3", "output": "5", "testtype": "stdin"}]})
+    )
+    os.chmod(rows, 0o644)
+    no_userns = [
+        shutil.which("bwrap"), "--unshare-user", "--disable-userns", "--die-with-parent",
+        "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--ro-bind", str(package_copy), str(package_copy), "--",
+    ]  # fmt: skip
+    done = _doctor(user, package_copy, *no_userns)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith(
+        "mechanism: none: the sandbox could not run a trivial program"
+    )
+    assert "user.max_user_namespaces" in done.stdout.splitlines()[-1]
+    code = subprocess.run(
+        [*no_userns, SYSTEM_PYTHON, "-m", "megatron_rl.rewards.cli", "code", str(rows), "--workers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package_copy), "HOME": "/"},
+        **_as_user(user),
+    )
+    assert code.returncode == 3, code.stdout + code.stderr
+    errors = [line for line in code.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "enable unprivileged user namespaces" in errors[0], code.stderr
+    assert code.stdout == ""
