@@ -270,3 +270,51 @@ def test_no_user_namespaces_refuses_in_one_line(user, package_copy) -> None:
     errors = [line for line in code.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "enable unprivileged user namespaces" in errors[0], code.stderr
     assert code.stdout == ""
+
+
+# A HumanEval-style run whose solution starts a fork bomb in the background and keeps answering calls at once:
+# the driver's supervisor must look at the sandbox's tasks while replies keep coming, not only when idle.
+CHECK_BOMB = '''
+import os, sys, tempfile
+from megatron_rl.rewards.confinement import ProcessCap
+from megatron_rl.rewards.sandbox import Sandbox
+
+program = """
+import os, threading
+def bomb():
+    if os.fork() == 0:
+        while True:
+            try:
+                os.fork()
+            except OSError:
+                pass
+threading.Thread(target=bomb).start()
+def f(x):
+    return x
+"""
+check = "def check(c):\\n    import time\\n    t = time.monotonic()\\n    while time.monotonic() - t < 1.5:\\n" \\
+    "        assert c(1) == 1\\n"
+root = tempfile.mkdtemp()
+os.chmod(root, 0o711)
+box = Sandbox(root, process_cap=ProcessCap(sys.argv[1]), concurrency=2)
+run = box.run("check", program, {"timeout": 3, "entry_point": "f", "prelude": ""}, 8, secret={"test": check})
+box.close()
+print(run.records[0].get("why", "passed"))
+'''
+
+
+def test_check_style_fork_bomb_is_stopped_by_the_supervisor(user, package_copy, busy_process) -> None:
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", CHECK_BOMB, UID_TASK_CAP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package_copy), "HOME": "/"},
+        **_as_user(user),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "process limit exceeded" in done.stdout, done.stdout
+    deadline = time.monotonic() + 10
+    while processes_of_uid(user.pw_uid) != [busy_process] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_of_uid(user.pw_uid) == [busy_process]

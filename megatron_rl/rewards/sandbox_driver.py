@@ -409,6 +409,7 @@ class CallServer:
             os.close(fd)
         self.buffer = b""
         self.alive = True
+        self.watched = time.monotonic()  # when the sandbox's memory and tasks were last checked
 
     def _fill(self, deadline: float, need) -> None:
         """Read from the server until need(buffer) holds; kill it and raise on timeout, death or excess."""
@@ -417,11 +418,15 @@ class CallServer:
             if left <= 0:
                 self.kill()
                 raise TimeoutError("timeout")
-            if not select.select([self.resp_r], [], [], min(left, WATCH_INTERVAL))[0]:
+            ready = select.select([self.resp_r], [], [], min(left, WATCH_INTERVAL))[0]
+            now = time.monotonic()
+            if not ready or now - self.watched >= WATCH_INTERVAL:  # also while replies keep coming
+                self.watched = now
                 over = _over_budget()
                 if over:
                     self.kill()
-                    raise MemoryError(OVER_WHY[over])
+                    raise (MemoryError if over == "memory" else RuntimeError)(OVER_WHY[over])
+            if not ready:
                 continue
             chunk = os.read(self.resp_r, READ_CHUNK)
             if not chunk:
