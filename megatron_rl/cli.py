@@ -186,8 +186,8 @@ def serve_rollout_cmd(
 
 @app.command("reward")
 def reward_cmd(
-    kind: Annotated[str, typer.Argument(help="math or code")],
-    input_path: Annotated[Path, typer.Argument(help="JSONL rows to score")],
+    kind: Annotated[str, typer.Argument(help="math, code, or doctor (what this node offers the sandbox)")],
+    input_path: Annotated[Path | None, typer.Argument(help="JSONL rows to score (math, code)")] = None,
     workers: int | None = None,
     timeout: float | None = None,
     unsafe_no_sandbox: Annotated[bool, typer.Option("--unsafe-no-sandbox")] = False,
@@ -197,11 +197,18 @@ def reward_cmd(
     ] = False,
 ) -> None:
     """Score a JSONL file of responses: one JSON line per row, then a summary line. A row may carry
-    "finish_reason": "length"; cut off before any </think>, it scores 0 as in training."""
+    "finish_reason": "length"; cut off before any </think>, it scores 0 as in training. `reward doctor` prints
+    what this node offers the code sandbox and exits non-zero where code could not be sandboxed."""
     from megatron_rl.rewards.cli import reward_main
 
+    if kind == "doctor":
+        from megatron_rl.rewards.doctor import doctor_main
+
+        raise typer.Exit(doctor_main(workers))
     if kind not in ("math", "code"):
-        _fail(f"KIND must be 'math' or 'code', got '{kind}'")
+        _fail(f"KIND must be 'math', 'code' or 'doctor', got '{kind}'")
+    if input_path is None:
+        _fail(f"reward {kind} needs INPUT_PATH, a JSONL file of rows")
     raise typer.Exit(reward_main(kind, str(input_path), workers, timeout, unsafe_no_sandbox, require_think))
 
 

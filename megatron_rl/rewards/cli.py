@@ -1,4 +1,5 @@
 """`megatron-rl reward math|code INPUT.jsonl`: score a JSONL file, one JSON line out per row, then a summary.
+`megatron-rl reward doctor`: what this node offers the code sandbox (doctor.py).
 
 Rows: {"response", "answer"} for math; {"response", "tests", "fn_name"?, "float_tolerance"?} for code, where
 tests are LiveCodeBench test cases (a list or its JSON text). A row that cannot be read scores 0 with an
@@ -157,8 +158,8 @@ def reward_main(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_rl.rewards.cli", description=__doc__)
-    parser.add_argument("kind", choices=["math", "code"])
-    parser.add_argument("input", help="JSONL file of rows")
+    parser.add_argument("kind", choices=["math", "code", "doctor"])
+    parser.add_argument("input", nargs="?", help="JSONL file of rows (math, code)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--timeout", type=float, default=None, help="seconds per math sample / per code test")
     parser.add_argument(
@@ -170,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a response without </think> scores 0 (thinking templates)",
     )
     args = parser.parse_args(argv)
+    if args.kind == "doctor":
+        from megatron_rl.rewards.doctor import doctor_main
+
+        return doctor_main(args.workers)
+    if args.input is None:
+        parser.error("INPUT is required for math and code")
     return reward_main(
         args.kind, args.input, args.workers, args.timeout, args.unsafe_no_sandbox, args.require_think
     )

@@ -7,7 +7,9 @@ crashes is treated the same way. Workers are plain subprocesses (`python -m mega
 starting one does not re-import the trainer's __main__ or fork a process holding CUDA state; they are started
 once and reused for every batch (the trainer scores a batch each step).
 
-When running as root, each worker slot leases a uid of its own for its sandbox (see sandbox.py).
+When running as root, each worker slot leases a uid of its own for its sandbox (see sandbox.py). Otherwise the
+first code batch probes how this node can cap a sandbox's processes (confinement.py), logs the mechanism, and
+refuses with one line when none is safe.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from megatron_rl.rewards.code_reward import (
     _wall_timeout,
     parse_tests,
 )
+from megatron_rl.rewards.confinement import UID_TASK_CAP, ProcessCap, choose_process_cap, log_choice
 from megatron_rl.rewards.math_grader import DEFAULT_MATH_TIMEOUT
 from megatron_rl.rewards.sandbox import (
     INSTALL_HINT,
@@ -105,6 +108,7 @@ class RewardPool:
         self._sel = selectors.DefaultSelector()
         self.restarts = 0
         self._closed = False
+        self.process_cap: ProcessCap | None = None  # chosen by the first code batch
         try:
             for slot in range(self.n_workers):
                 self._leases.append(UidLease.acquire() if is_root() else None)
@@ -360,6 +364,12 @@ class RewardPool:
             if not self.allow_unsandboxed:
                 raise SandboxUnavailable(INSTALL_HINT)
             logger.warning("WARNING: bubblewrap is missing: the code reward runs programs WITHOUT a sandbox")
+            self.process_cap = ProcessCap(UID_TASK_CAP, "no sandbox: launch cap only")
+        if self.process_cap is None:
+            self.process_cap = choose_process_cap(
+                self.root_dir, self.limits.processes, self.n_workers, self.sandbox_python
+            )
+            log_choice(self.process_cap)
 
     def run_programs(
         self,
@@ -379,7 +389,12 @@ class RewardPool:
         return self._run(
             "code",
             list(zip(programs, tests, strict=True)),
-            {"timeout": timeout, "extracted": extracted},
+            {
+                "timeout": timeout,
+                "extracted": extracted,
+                "process_cap": self.process_cap,
+                "concurrency": self.n_workers,
+            },
             limits,
             1,
             lambda why: CodeResult(0.0, why=why, detail=f"the reward worker was lost ({why})"),

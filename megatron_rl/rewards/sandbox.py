@@ -1,8 +1,9 @@
 """Run an untrusted Python program under bubblewrap, rlimits, a dedicated uid and a wall-clock kill.
 
 Layers, outermost first:
-- a uid of its own per pool worker (leased with a lock file, so two pools never share one): rlimits such as
-  RLIMIT_NPROC count per uid, root is exempt from them, and a leftover process can be found and killed by uid;
+- as root, a uid of its own per pool worker (leased with a lock file, so two pools never share one): rlimits
+  such as RLIMIT_NPROC count per uid, root is exempt from them, and a leftover process can be found and killed
+  by uid. Not root, programs run as the caller's uid and the process cap comes from `confinement.py`;
 - rlimits set between fork and exec: address space, CPU seconds, processes, file size, open files, no core;
 - bubblewrap namespaces: no network, a new pid namespace with the test driver as pid 1 (everything dies with
   it), only /usr visible (read-only), a private size-limited tmpfs for /tmp and for the work dir /sandbox, the
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_rl.rewards.confinement import DEDICATED_UIDS, UID_TASK_CAP, ProcessCap, launch_nproc
+
 logger = logging.getLogger(__name__)
 
 DRIVER_SOURCE = Path(__file__).with_name("sandbox_driver.py")
@@ -51,7 +54,7 @@ class SandboxUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class SandboxLimits:
     memory_mb: int = 1024  # RLIMIT_AS per process, and the driver's cap on the sandbox's total RSS
-    processes: int = 32  # RLIMIT_NPROC of the sandbox uid: processes and threads, bwrap and driver included
+    processes: int = 32  # tasks (processes and threads) of one sandbox, driver included: see confinement.py
     file_size_mb: int = 16  # RLIMIT_FSIZE: also caps a test's captured stdout
     open_files: int = 128  # RLIMIT_NOFILE
     tmpfs_mb: int = 64  # size of each of the private /tmp and /sandbox
@@ -146,12 +149,12 @@ def kill_uid_processes(uid: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _child_rlimits(limits: SandboxLimits, cpu_seconds: int) -> Callable[[], None]:
+def _child_rlimits(limits: SandboxLimits, cpu_seconds: int, nproc: int) -> Callable[[], None]:
     mb = 1 << 20
     table = [
         (resource.RLIMIT_AS, limits.memory_mb * mb),
         (resource.RLIMIT_CPU, cpu_seconds),
-        (resource.RLIMIT_NPROC, limits.processes),
+        (resource.RLIMIT_NPROC, nproc),
         (resource.RLIMIT_FSIZE, limits.file_size_mb * mb),
         (resource.RLIMIT_NOFILE, limits.open_files),
         (resource.RLIMIT_CORE, 0),
@@ -202,7 +205,12 @@ class Sandbox:
         allow_unsandboxed: bool = False,
         bwrap: str | None = "auto",
         python: str = SANDBOX_PYTHON,
+        process_cap: ProcessCap | None = None,
+        concurrency: int = 1,
     ) -> None:
+        """process_cap: how a non-root caller caps the program's processes (default: the launch cap and the
+        driver's supervisor, which need nothing from the kernel); concurrency: how many sandboxes of this
+        caller may run at once (the launch cap leaves room for each)."""
         self.limits = limits or SandboxLimits()
         self.bwrap = find_bwrap() if bwrap == "auto" else bwrap
         if self.bwrap is not None and not os.access(self.bwrap, os.X_OK):
@@ -224,6 +232,10 @@ class Sandbox:
             self._lease = UidLease.acquire()
             uid = self._lease.uid
         self.uid = uid if is_root() else None
+        if self.uid is not None:
+            process_cap = ProcessCap(DEDICATED_UIDS, "a uid of its own")
+        self.process_cap = process_cap or ProcessCap(UID_TASK_CAP, "launch cap and supervisor")
+        self.concurrency = max(1, concurrency)
         self.dir = os.path.join(root_dir, f"w{uid if uid is not None else os.getpid()}")
         self.harness = os.path.join(self.dir, "harness")
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -328,10 +340,22 @@ class Sandbox:
         self.runs += 1
         self._prepare(program)
         # marshal: the driver decodes it without importing json (whose import alone costs ~5 ms per run)
-        spec = {**spec, "memory_kb": self.limits.memory_mb * 1024}  # the driver's budget for all processes
+        # The driver's budgets for the whole sandbox: resident memory and tasks (its supervisor kills past them);
+        # with nproc it also lowers its own RLIMIT_NPROC, which this kernel then counts in the sandbox only.
+        inner = self.sandboxed and self.uid is None and self.process_cap.inner_nproc
+        spec = {
+            **spec,
+            "memory_kb": self.limits.memory_mb * 1024,
+            "max_tasks": self.limits.processes,
+            "nproc": self.limits.processes if inner else 0,
+        }
         frames = [marshal.dumps(spec, 4), marshal.dumps(secret or {}, 4)]
         spec_bytes = b"".join(len(f).to_bytes(8, "little") + f for f in frames)
         cpu_seconds = int(wall_timeout) + 1
+        if self.uid is not None:
+            nproc = self.limits.processes  # a uid of its own: the limit counts this sandbox only
+        else:
+            nproc = launch_nproc(self.limits.processes, self.concurrency)
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
         run_dir = None
         if self.sandboxed:
@@ -356,7 +380,7 @@ class Sandbox:
                 env=env,
                 close_fds=True,
                 start_new_session=True,
-                preexec_fn=_child_rlimits(self.limits, cpu_seconds),
+                preexec_fn=_child_rlimits(self.limits, cpu_seconds, nproc),
                 **kwargs,
             )
         except OSError as e:

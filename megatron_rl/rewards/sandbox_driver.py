@@ -15,7 +15,9 @@ stdout as JSON lines:
 Trust: the driver never runs untrusted code itself. The solution runs only in forked children that first close
 the channel and the spec pipe and point fds 0-2 elsewhere. The driver makes itself non-dumpable, so those
 children (same uid, no capabilities) can neither ptrace it nor open /proc/1/fd/* or /proc/1/mem; as pid 1 of a
-pid namespace it also ignores their signals. Expected outputs of stdin and functional tests never enter the
+pid namespace it also ignores their signals. It supervises the namespace: past the spec's memory_kb of resident
+memory or max_tasks tasks in all, it kills every other process; with nproc it first lowers its own RLIMIT_NPROC
+(counted in the sandbox's user namespace on kernels that do so, see confinement.py). Expected outputs of stdin and functional tests never enter the
 sandbox, so no child can learn them. For the check style (HumanEval-like `check(candidate)` code, which holds
 the expected values) the call server is forked BEFORE the secret frame is read: its memory never held the
 test code.
@@ -46,8 +48,9 @@ SIGNAL_NAMES = {
 }
 SIGNAL_NAMES.update({15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ", 31: "SIGSYS"})
 READ_CHUNK = 1 << 20
-WATCH_INTERVAL = 0.02  # seconds between checks of the sandbox's total memory
+WATCH_INTERVAL = 0.02  # seconds between checks of the sandbox's total memory and tasks
 MEMORY_BUDGET_KB = [0]  # total resident memory allowed to the whole sandbox; 0: no watch (set from the spec)
+MAX_TASKS = [0]  # tasks (processes and threads) allowed to the whole sandbox, driver included; 0: no watch
 MAX_REPLY = 64 << 20  # a call result larger than this is a failure, not something to buffer
 
 
@@ -149,32 +152,43 @@ def _run_module(code, name: str) -> int:
         return 1
 
 
-def _sandbox_rss_kb() -> int:
-    """Resident memory of every process in the sandbox (its own pid namespace: /proc lists only those)."""
-    total = 0
+def _sandbox_usage() -> tuple:
+    """(resident KiB, tasks) of every process in the sandbox (its own pid namespace: /proc lists only those)."""
+    pages = tasks = 0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                with open(f"/proc/{entry}/statm", "rb") as f:
-                    total += int(f.read().split()[1])
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                tasks += int(fields[17])  # num_threads (field 20)
+                pages += int(fields[21])  # rss (field 24)
             except (OSError, ValueError, IndexError):
                 pass
-    return total * (os.sysconf("SC_PAGE_SIZE") // 1024)
+    return pages * (os.sysconf("SC_PAGE_SIZE") // 1024), tasks
 
 
-def _over_memory_budget() -> bool:
-    """RLIMIT_AS caps each process, but 30 processes of 1 GB each would still sink the host: the driver, as
-    pid 1, also watches the total, and kills every other process of the sandbox when it is exceeded."""
-    if not MEMORY_BUDGET_KB[0] or os.getpid() != 1:
-        return False
-    if _sandbox_rss_kb() <= MEMORY_BUDGET_KB[0]:
-        return False
+def _over_budget():
+    """None, "memory" or "processes". RLIMIT_AS caps each process, but 30 processes of 1 GB each would still
+    sink the host, and a non-root caller's RLIMIT_NPROC may count more than this sandbox: the driver, as pid 1,
+    watches the totals, and kills every other process of the sandbox when one is exceeded."""
+    if not (MEMORY_BUDGET_KB[0] or MAX_TASKS[0]) or os.getpid() != 1:
+        return None
+    rss_kb, tasks = _sandbox_usage()
+    if MAX_TASKS[0] and tasks > MAX_TASKS[0]:
+        over = "processes"
+    elif MEMORY_BUDGET_KB[0] and rss_kb > MEMORY_BUDGET_KB[0]:
+        over = "memory"
+    else:
+        return None
     _clear_namespace()
-    return True
+    return over
+
+
+OVER_WHY = {"memory": "memory limit exceeded", "processes": "process limit exceeded"}
 
 
 def _wait_child(pid: int, timeout: float) -> tuple:
-    """Wait for a child under a wall-clock limit: (wait status, None | "timeout" | "memory")."""
+    """Wait for a child under a wall-clock limit: (wait status, None | "timeout" | "memory" | "processes")."""
     deadline = time.monotonic() + timeout
     pidfd = None
     try:
@@ -189,16 +203,25 @@ def _wait_child(pid: int, timeout: float) -> tuple:
             left = deadline - time.monotonic()
             if left <= 0:
                 os.kill(pid, SIGKILL)
-                return os.waitpid(pid, 0)[1], "timeout"
+                return _reap_killed(pid), "timeout"
             if pidfd is not None:
                 select.select([pidfd], [], [], min(left, WATCH_INTERVAL))
             else:
                 time.sleep(min(left, 0.005))
-            if _over_memory_budget():
-                return os.waitpid(pid, 0)[1], "memory"
+            over = _over_budget()
+            if over:
+                return _reap_killed(pid), over
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _reap_killed(pid: int) -> int:
+    """The wait status of a child just SIGKILLed; _clear_namespace may have reaped it already."""
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return SIGKILL  # the status of a process killed by SIGKILL
 
 
 def _describe_status(status: int) -> str:
@@ -218,15 +241,23 @@ def _tail(path: str, limit: int = 2000) -> str:
 
 
 def _clear_namespace() -> None:
-    """As pid 1 of the sandbox: kill every other process (daemons a test left behind) and reap the zombies."""
+    """As pid 1 of the sandbox: kill every other process (daemons a test left behind) and reap the zombies.
+    Repeats while processes remain: a fork bomb may fork between the listing and the kill."""
     if os.getpid() != 1:
         return  # unsafe mode shares the host's pid namespace: never signal what we did not fork
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and entry != "1":
+    for _ in range(100):
+        alive = [int(e) for e in os.listdir("/proc") if e.isdigit() and e != "1"]
+        for pid in alive:
             try:
-                os.kill(int(entry), SIGKILL)
+                os.kill(pid, SIGKILL)
             except OSError:
                 pass
+        if not alive:
+            break
+        _reap()
+
+
+def _reap() -> None:
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -285,8 +316,8 @@ def run_stdin_tests(code, tests: list, timeout: float, cpu_seconds: int, iodir: 
         if over == "timeout":
             chan.send(i=i, ok=False, why="timeout")
             return
-        if over == "memory":
-            chan.send(i=i, ok=False, why="memory limit exceeded")
+        if over:
+            chan.send(i=i, ok=False, why=OVER_WHY[over])
             return
         if status != 0:
             chan.send(i=i, ok=False, why=_describe_status(status), stderr=_tail(err_path))
@@ -378,6 +409,7 @@ class CallServer:
             os.close(fd)
         self.buffer = b""
         self.alive = True
+        self.watched = time.monotonic()  # when the sandbox's memory and tasks were last checked
 
     def _fill(self, deadline: float, need) -> None:
         """Read from the server until need(buffer) holds; kill it and raise on timeout, death or excess."""
@@ -386,10 +418,15 @@ class CallServer:
             if left <= 0:
                 self.kill()
                 raise TimeoutError("timeout")
-            if not select.select([self.resp_r], [], [], min(left, WATCH_INTERVAL))[0]:
-                if _over_memory_budget():
+            ready = select.select([self.resp_r], [], [], min(left, WATCH_INTERVAL))[0]
+            now = time.monotonic()
+            if not ready or now - self.watched >= WATCH_INTERVAL:  # also while replies keep coming
+                self.watched = now
+                over = _over_budget()
+                if over:
                     self.kill()
-                    raise MemoryError("memory limit exceeded")
+                    raise (MemoryError if over == "memory" else RuntimeError)(OVER_WHY[over])
+            if not ready:
                 continue
             chunk = os.read(self.resp_r, READ_CHUNK)
             if not chunk:
@@ -540,6 +577,12 @@ def main() -> None:
     _make_undumpable()
     public = _read_frame()
     MEMORY_BUDGET_KB[0] = int(public.get("memory_kb", 0))
+    MAX_TASKS[0] = int(public.get("max_tasks", 0))
+    if public.get("nproc"):  # before anything is forked: every process of the sandbox inherits it
+        import resource
+
+        n = int(public["nproc"])
+        resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
     namespace = _run_prelude(public.get("prelude", "")) if style == "check" else None
     # Fork the call server before the secret frame (check code and its expected values) is read.
     server = CallServer(program_path, iodir) if style in ("functional", "check") else None

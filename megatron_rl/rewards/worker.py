@@ -53,7 +53,7 @@ class Worker:
         if uid is not None and is_root():
             kill_uid_processes(uid)  # leftovers of a predecessor on this slot that the pool had to kill
 
-    def _sandbox(self) -> Sandbox:
+    def _sandbox(self, opts: dict) -> Sandbox:
         if self.sandbox is None:
             root = self.config.get("root_dir") or tempfile.mkdtemp(prefix="megatron-rl-sandbox-")
             sandbox = Sandbox(
@@ -62,6 +62,8 @@ class Worker:
                 limits=self.config.get("limits") or SandboxLimits(),
                 allow_unsandboxed=self.config.get("allow_unsandboxed", False),
                 python=self.config.get("sandbox_python") or "/usr/bin/python3",
+                process_cap=opts.get("process_cap"),
+                concurrency=opts.get("concurrency", 1),
             )
             probe_sandbox(sandbox)
             self.sandbox = sandbox
@@ -76,7 +78,7 @@ class Worker:
             program = (
                 text if opts.get("extracted") else (extract_code(text) if isinstance(text, str) else None)
             )
-            return score_program(self._sandbox(), program, tests, opts["timeout"])
+            return score_program(self._sandbox(opts), program, tests, opts["timeout"])
         raise ValueError(f"unknown reward kind {kind!r}")
 
     def failure(self, kind: str, why: str, detail: str) -> Any:
