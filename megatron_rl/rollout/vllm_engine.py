@@ -77,6 +77,11 @@ class VLLMEngine:
             # instead of its fused C++ kernels, which round differently from the trainer's torch ops.
             engine_kwargs.setdefault("enforce_eager", True)
             engine_kwargs.setdefault("compilation_config", {"custom_ops": ["none"]})
+            # A prompt split over two scheduler steps (chunked prefill) discards the first step's sampled token
+            # and rewinds its request's seeded generator, which vLLM does by offset, and CPU generators have
+            # none ("CPU Generator does not use offset": the engine dies). Whole prompts only on the CPU.
+            engine_kwargs.setdefault("enable_chunked_prefill", False)
+            engine_kwargs.setdefault("max_num_batched_tokens", max(8192, max_model_len or 0))
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         self.on_gpu = torch.cuda.is_available()
         self.num_engines, self.engine_index, self.is_engine_leader = 1, 0, True
