@@ -28,6 +28,7 @@ from megatron_rl.train.metrics import MetricsLogger
 from megatron_rl.train.optimizer import build_optimizer
 from megatron_rl.train.rollouts import collect_rollouts, fitting_prompts
 from megatron_rl.train.sft import run_sft
+from megatron_rl.train.temperature import RolloutTemperature
 from megatron_rl.train.update import policy_update
 
 log = logging.getLogger("megatron_rl")
@@ -285,11 +286,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if is_driver()
         else None
     )
+    temperature = RolloutTemperature(cfg, policy, engine, dataset, tokenizer, state)  # rollout.temperature
     for step in range(state["step"] + 1, cfg.run.steps + 1):
         t_step = time.perf_counter()
+        step_cfg = temperature.config_for(step)  # `auto`: chosen again for the target entropy when due
         seed = cfg.run.seed * 1_000_003 + step * 10_007
         batch = (
-            collect_rollouts(engine, pool, dataset, tokenizer, cfg, state["data_position"], seed)
+            collect_rollouts(engine, pool, dataset, tokenizer, step_cfg, state["data_position"], seed)
             if engine is not None
             else None
         )
@@ -297,7 +300,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if engine is not None:
             engine.sleep()  # colocated on a GPU: vLLM's weights and KV cache make room for training
         t_train = time.perf_counter()
-        train_metrics = policy_update(policy, optimizer, batch, cfg, step)
+        train_metrics = policy_update(policy, optimizer, batch, step_cfg, step)
         train_seconds = time.perf_counter() - t_train
         # Memory order: training's gradients and cached blocks go, then vLLM's weights come back and take the
         # push, and only then its KV cache (the largest allocation) returns.
@@ -307,13 +310,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
         sync_metrics = sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
         if engine is not None:
             engine.wake_up(["kv_cache"])
-        state = {"step": step, "data_position": batch.data_position}
+        state = {"step": step, "data_position": batch.data_position, **temperature.state()}
         step_seconds = time.perf_counter() - t_step
         response_tokens = sum(len(r) for r in batch.responses)
         metrics = {
             **batch.stats,
             **train_metrics,
             **sync_metrics,
+            **temperature.metrics(),
             "time_train_s": train_seconds,
             "time_step_s": step_seconds,
             "tokens_per_s": response_tokens / step_seconds,
