@@ -77,10 +77,10 @@ def search_temperature(
                 break
             t = high
             continue
-        a = max(below, key=lambda p: p.entropy)  # the closest probe below the target
-        b = min(above, key=lambda p: p.entropy)  # and above it
-        if not a.temperature < b.temperature:  # entropy fell as T rose (sampling noise): stop here
-            break
+        # The closest probes below and above the target; every probe after the bracket formed lies between
+        # them, so a is at the lower temperature.
+        a = max(below, key=lambda p: p.entropy)
+        b = min(above, key=lambda p: p.entropy)
         if len(probes) >= 2 and (probes[-1].entropy < target) == (probes[-2].entropy < target):
             t = (a.temperature + b.temperature) / 2
             continue
