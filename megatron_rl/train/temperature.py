@@ -187,9 +187,11 @@ class RolloutTemperature:
             ]
         seed = self.cfg.run.seed * 1_000_003 + step * 10_007 + PROBE_SEED
 
+        say = log.info if dist.get_rank() == 0 else log.debug  # every rank gets the same figures
+
         def measure(temperature: float) -> float:
             entropy = probe_entropy(self.policy, self.engine, self._prompt_ids, temperature, self.cfg, seed)
-            log.info("temperature probe before step %d: T=%.4f entropy %.4f", step, temperature, entropy)
+            say("temperature probe before step %d: T=%.4f entropy %.4f", step, temperature, entropy)
             return entropy
 
         start = self.current if self.current is not None else sum(auto.bounds) / 2
@@ -197,7 +199,7 @@ class RolloutTemperature:
             measure, auto.target_entropy, auto.bounds, start, auto.max_probes, auto.tolerance
         )
         self.current = best.temperature
-        log.info(
+        say(
             "rollout temperature %.4f from step %d: probe entropy %.4f, target %.3f (%d probes)",
             best.temperature,
             step,
