@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
@@ -25,6 +26,14 @@ from megatron_rl.algo.packing import pack_microbatches
 from megatron_rl.config import Config
 from megatron_rl.data.prompts import render_prompt
 from megatron_rl.train.rollouts import generate_all, next_problems
+
+if TYPE_CHECKING:
+    from megatron_rl.data.arithmetic import ArithmeticTask
+    from megatron_rl.data.dataset import Problem, PromptDataset
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.rollout.base import RolloutEngine
+
+    Dataset = PromptDataset | ArithmeticTask
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +101,14 @@ def search_temperature(
     return best, probes
 
 
-def probe_problems(dataset, count: int, tokenizer, cfg: Config) -> list:
+def probe_problems(dataset: Dataset, count: int, tokenizer: Any, cfg: Config) -> list[Problem]:
     """`count` fixed training prompts spread over the dataset (a file: every len/count-th row; the endless
     synthetic task: every PROBE_STRIDE-th), each the first from its position that fits max_prompt_tokens."""
     stride = max(1, len(dataset) // count) if isinstance(dataset, Sized) else PROBE_STRIDE
     return [next_problems(dataset, i * stride, 1, tokenizer, cfg)[0][0] for i in range(count)]
 
 
-def _from_driver(obj):
+def _from_driver(obj: Any) -> Any:
     """Rank 0's `obj` on every rank."""
     if dist.get_world_size() == 1:
         return obj
@@ -109,7 +118,12 @@ def _from_driver(obj):
 
 
 def probe_entropy(
-    policy, engine, prompt_ids: list | None, temperature: float, cfg: Config, seed: int
+    policy: Policy,
+    engine: RolloutEngine | None,
+    prompt_ids: list[list[int]] | None,
+    temperature: float,
+    cfg: Config,
+    seed: int,
 ) -> float:
     """Mean entropy at `temperature` of the response tokens the engine samples at `temperature` for
     `prompt_ids` (rollout.auto_temperature.probe_samples each). A collective: the engine's ranks sample (the
@@ -152,7 +166,15 @@ class RolloutTemperature:
     config itself is handed on); with `auto` it is chosen before the first step, every `every` steps after,
     and when a resumed run's checkpoint does not hold one."""
 
-    def __init__(self, cfg: Config, policy, engine, dataset, tokenizer, train_state: dict) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        policy: Policy,
+        engine: RolloutEngine | None,
+        dataset: Dataset,
+        tokenizer: Any,
+        train_state: dict,
+    ) -> None:
         self.cfg, self.policy, self.engine = cfg, policy, engine
         self.dataset, self.tokenizer = dataset, tokenizer
         self.auto = cfg.rollout.temperature == "auto"
