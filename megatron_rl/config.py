@@ -51,10 +51,37 @@ class DataCfg(Strict):
     seed: int = 0
 
 
+class AutoTemperatureCfg(Strict):
+    """How `rollout.temperature: auto` picks the rollout temperature (train/temperature.py): before the first
+    RL step and every `every` steps, probes sample `probe_prompts` fixed training prompts `probe_samples` times
+    each at a trial temperature, and the trainer measures their mean response-token entropy at it; the probed
+    temperature whose entropy is nearest `target_entropy` is used (AceReason-Nemotron 1.1 keeps it near 0.3)."""
+
+    target_entropy: float = Field(0.3, gt=0)
+    bounds: tuple[float, float] = (0.6, 1.2)  # the lowest and highest temperature tried (at most 2)
+    every: int = Field(25, ge=0)  # choose again every N RL steps (0: only before the first step)
+    probe_prompts: int = Field(16, ge=1)
+    probe_samples: int = Field(4, ge=1)
+    max_probes: int = Field(6, ge=1)  # trial temperatures per choice
+    tolerance: float = Field(0.01, ge=0)  # a probe this close to the target ends the search
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low < high <= 2:
+            raise ValueError(
+                "must be [low, high] with 0 < low < high <= 2 (vLLM samples at temperatures up to 2)"
+            )
+        return value
+
+
 class RolloutCfg(Strict):
     group_size: int = Field(8, ge=1)  # samples per prompt
     prompts_per_step: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    # A number > 0, or "auto": chosen for a target entropy (rollout.auto_temperature) and used for the loss too.
+    temperature: float | Literal["auto"] = 1.0
+    auto_temperature: AutoTemperatureCfg = AutoTemperatureCfg()
     top_p: float = Field(1.0, gt=0, le=1)
     max_response_tokens: int = Field(64, ge=1)
     cpu_kv_cache_gib: int = 1
@@ -87,6 +114,19 @@ class RolloutCfg(Strict):
     # Weights travel to vLLM in buckets of at most this many MiB (a larger tensor group travels alone); a sync
     # holds at most two buckets and one transfer buffer of this size beyond the model (see `plan`).
     sync_bucket_mb: float = Field(512.0, gt=0)
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _positive_or_auto(cls, value: Any) -> float | str:
+        if value == "auto":
+            return value
+        try:
+            number = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number > 0:
+            raise ValueError("must be a number > 0 or 'auto'")
+        return number
 
 
 class GRPOCfg(Strict):

@@ -52,6 +52,7 @@ def _batch():
         truncated=[False, False],
         advantages=[1.0, -1.0],
         trained=[True, True],
+        temperature=1.0,
     )
 
 

@@ -46,6 +46,7 @@ def make_batch(vocab: int) -> SimpleNamespace:
         advantages=torch.randn(len(SHAPES), generator=gen).tolist(),
         # Rollout log-probs near the policy's own (a mismatch metric of about 0.01 to log).
         rollout_logprobs=None,
+        temperature=0.8,  # config_overrides' rollout.temperature
     )
 
 

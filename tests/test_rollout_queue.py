@@ -23,7 +23,7 @@ class Recorder:
         self.weights = 0
         self.calls: list[tuple[int, int, int, str]] = []
 
-    def __call__(self, step: int, position: int) -> RolloutBatch:
+    def __call__(self, step: int, position: int, cfg) -> RolloutBatch:
         self.calls.append((step, position, self.weights, threading.current_thread().name))
         time.sleep(self.seconds)
         if step == self.fail_at:
@@ -36,6 +36,7 @@ class Recorder:
             truncated=[False, True],
             advantages=[0.7, -0.7],
             trained=[True, False],
+            temperature=cfg,  # the tests pass a temperature as the config
             texts=["a", "b"],
             data_position=position + 2,
             stats={"reward_mean": 0.5},
@@ -46,8 +47,8 @@ def run_loop(queue: RolloutQueue, recorder: Recorder, steps: int, train_s: float
     """The step loop's use of the queue (rl.py): take, start the next, update, wait, sync."""
     position, seen = 0, []
     for step in range(1, steps + 1):
-        batch = queue.take(step, position)
-        queue.start_next(step, batch.data_position, steps)
+        batch = queue.take(step, position, 1.0 + step / 10)
+        queue.start_next(step, batch.data_position, steps, 1.0 + step / 10)
         time.sleep(train_s)  # the update
         waited = queue.wait()
         recorder.weights = step  # the sync: the engines now hold step `step`'s weights
@@ -78,6 +79,8 @@ def test_staleness_one_samples_the_next_batch_during_the_update_with_the_weights
     assert all(c[3].startswith("rollout-ahead") for c in recorder.calls[1:])
     assert [b.stats["staleness_max"] for _, b, _ in seen] == [0.0, 1.0, 1.0, 1.0]
     assert [b.policy_versions for _, b, _ in seen] == [[0, 0], [0, 0], [1, 1], [2, 2]]
+    # A batch sampled ahead keeps the temperature of the step that started it (the loss uses the batch's).
+    assert [b.temperature for _, b, _ in seen] == [1.1, 1.1, 1.2, 1.3]
     # Sampling (0.3 s) ran beside the update (0.3 s): the trainer waited well under the sampling time.
     waits = [w["time_rollout_wait_s"] for _, _, w in seen[:-1]]
     assert max(waits) < 0.2, waits
@@ -87,8 +90,8 @@ def test_staleness_one_samples_the_next_batch_during_the_update_with_the_weights
 def test_a_failure_while_sampling_ahead_is_raised_when_the_step_waits():
     recorder = Recorder(fail_at=2)
     queue = RolloutQueue(recorder, staleness=1)
-    batch = queue.take(1, 0)
-    queue.start_next(1, batch.data_position, 3)
+    batch = queue.take(1, 0, 1.0)
+    queue.start_next(1, batch.data_position, 3, 1.0)
     with pytest.raises(RuntimeError, match="engine failed at step 2"):
         queue.wait()
     queue.close()
@@ -98,8 +101,8 @@ def test_the_batch_sampled_ahead_survives_a_checkpoint_and_is_handed_out_first()
     recorder = Recorder()
     queue = RolloutQueue(recorder, staleness=1)
     assert queue.pending_state() is None
-    batch = queue.take(1, 0)
-    queue.start_next(1, batch.data_position, 5)
+    batch = queue.take(1, 0, 1.0)
+    queue.start_next(1, batch.data_position, 5, 1.0)
     queue.wait()
     saved = queue.pending_state()  # what the checkpoint after step 1 holds
     queue.close()
@@ -107,7 +110,7 @@ def test_the_batch_sampled_ahead_survives_a_checkpoint_and_is_handed_out_first()
 
     resumed_recorder = Recorder()
     resumed = RolloutQueue(resumed_recorder, staleness=1, pending=batch_from_state(saved))
-    again = resumed.take(2, batch.data_position)
+    again = resumed.take(2, batch.data_position, 2.0)
     assert resumed_recorder.calls == []  # not sampled again
-    assert again.prompts == [[2], [2]] and again.stats["staleness_max"] == 1.0
+    assert again.prompts == [[2], [2]] and again.stats["staleness_max"] == 1.0 and again.temperature == 1.0
     resumed.close()

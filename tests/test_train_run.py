@@ -1,7 +1,8 @@
 """End-to-end RL runs on the tiny config with real vLLM, real megatron-core and real math-verify.
 
 One short SFT (1-digit addition, so some sampled answers are right and advantages are non-zero), then GRPO.
-The kill/resume pair trains with the policy split into two pipeline stages (two ranks, gloo).
+The kill/resume pair trains with the policy split into two pipeline stages (two ranks, gloo), at a rollout
+temperature chosen for a target entropy (`rollout.temperature: auto`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 REQUIRED_METRICS = {
     "reward_mean", "accuracy", "response_length_mean", "response_length_max", "truncated_fraction",
     "entropy_mean", "mismatch_kl", "mismatch_max_abs_diff", "grad_norm", "lr", "tokens_per_s",
-    "time_rollout_s", "time_reward_s", "time_train_s", "time_sync_s",
+    "time_rollout_s", "time_reward_s", "time_train_s", "time_sync_s", "temperature",
 }  # fmt: skip
 
 
@@ -47,10 +48,17 @@ def torchrun(ranks: int) -> list[str]:
     ]
 
 
+# The temperature is chosen for the default target entropy (0.3) before step 1 and again before step 4: a run
+# resumed from its step-2 checkpoint continues at step 3 with the saved choice.
+AUTO_TEMPERATURE = ["rollout.temperature=auto", "rollout.auto_temperature.every=3"]
+TARGET_ENTROPY = 0.3
+
+
 def _pipeline_args(out: Path, name: str, steps: int) -> list[str]:
-    """`_args` as a two-rank run with the policy in two pipeline stages (the engine on rank 0)."""
+    """`_args` as a two-rank run with the policy in two pipeline stages (the engine on rank 0), with the rollout
+    temperature chosen for a target entropy."""
     args = _args(out, name, steps)  # args[1:4]: "-m megatron_rl.cli train"
-    return [*torchrun(2), *args[1:], "model.pipeline_parallel_size=2"]
+    return [*torchrun(2), *args[1:], "model.pipeline_parallel_size=2", *AUTO_TEMPERATURE]
 
 
 def kill_run(pid: int) -> None:
@@ -131,6 +139,22 @@ def test_short_run_logs_every_metric(two_runs):
     final = run_dir / "final_model"
     assert (final / "model.safetensors").is_file() and (final / "config.json").is_file()  # next stage's model
     assert "step 4/4 reward" in stderr  # off a terminal, one plain progress line per step
+
+
+def test_auto_temperature_lands_near_the_target_entropy(two_runs):
+    """The temperature chosen before steps 1 and 4 (every probe sampled through vLLM, its entropy measured by
+    both pipeline stages) gives that step's own rollouts, a fresh sample on other prompts, a mean entropy within
+    0.05 of the target; steps 2 and 3 keep the step-1 choice and probe nothing."""
+    run_dir, _, stderr, _ = two_runs
+    records = _last_per_step(run_dir)
+    for step in (1, 4):
+        r = records[step]
+        assert 1 <= r["temperature_probes"] <= 6 and 0.6 <= r["temperature"] <= 1.2, r
+        assert abs(r["temperature_probe_entropy"] - TARGET_ENTROPY) < 0.05, r
+        assert abs(r["entropy_mean"] - TARGET_ENTROPY) < 0.05, r  # the fresh measurement
+        assert stderr.count(f"temperature probe before step {step}:") == r["temperature_probes"]
+    assert records[1]["temperature"] == records[2]["temperature"] == records[3]["temperature"]
+    assert not {"temperature_probes", "temperature_probe_entropy"} & (set(records[2]) | set(records[3]))
 
 
 def test_eval_of_the_final_model_reproduces_the_runs_held_out_accuracy(two_runs, tmp_path):

@@ -61,19 +61,21 @@ class MetricsLogger:
             reward=f"{metrics.get('reward_mean', 0):.3f}",
             len=f"{metrics.get('response_length_mean', 0):.0f}",
             ent=f"{metrics.get('entropy_mean', 0):.2f}",
+            T=f"{metrics.get('temperature', 0):.2f}",
         )
         self.bar.update(1)
         if not self.interactive:
             done = step - self.start_step
             eta_min = (time.perf_counter() - self.started) / max(1, done) * (self.total_steps - step) / 60
             log.info(
-                "step %d/%d reward %.3f accuracy %.3f length %.0f entropy %.3f %.1fs/step ETA %.1f min",
+                "step %d/%d reward %.3f accuracy %.3f length %.0f entropy %.3f T %.3f %.1fs/step ETA %.1f min",
                 step,
                 self.total_steps,
                 metrics.get("reward_mean", 0.0),
                 metrics.get("accuracy", 0.0),
                 metrics.get("response_length_mean", 0.0),
                 metrics.get("entropy_mean", 0.0),
+                metrics.get("temperature", 0.0),
                 metrics.get("time_step_s", 0.0),
                 eta_min,
             )

@@ -29,6 +29,7 @@ from megatron_rl.train.optimizer import build_optimizer
 from megatron_rl.train.rollout_queue import RolloutQueue, batch_from_state
 from megatron_rl.train.rollouts import collect_rollouts, fitting_prompts
 from megatron_rl.train.sft import run_sft
+from megatron_rl.train.temperature import RolloutTemperature
 from megatron_rl.train.update import policy_update
 
 log = logging.getLogger("megatron_rl")
@@ -309,22 +310,25 @@ def train(cfg: Config, resume: bool = False) -> dict:
         else None
     )
 
-    def collect(step: int, data_position: int):
+    def collect(step: int, data_position: int, step_cfg: Config):
         seed = cfg.run.seed * 1_000_003 + step * 10_007
-        return collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position, seed)
+        return collect_rollouts(engine, pool, dataset, tokenizer, step_cfg, data_position, seed)
 
+    temperature = RolloutTemperature(cfg, policy, engine, dataset, tokenizer, state)  # rollout.temperature
     rollouts = RolloutQueue(collect, cfg.rollout.staleness, batch_from_state(state.get("pending_batch")))
     sleeps = engine is not None and not cfg.rollout.staleness  # at staleness 1 engines sample during updates
     for step in range(state["step"] + 1, cfg.run.steps + 1):
         t_step = time.perf_counter()
-        batch = rollouts.take(step, state["data_position"]) if engine is not None else None
+        # `auto`: chosen again for the target entropy when due (no sampling ahead is in flight then)
+        step_cfg = temperature.config_for(step)
+        batch = rollouts.take(step, state["data_position"], step_cfg) if engine is not None else None
         batch = broadcast(batch)  # with engines on every rank all hold it already: rank 0's timings win
         if engine is not None:
-            rollouts.start_next(step, batch.data_position, cfg.run.steps)  # staleness 1 only
+            rollouts.start_next(step, batch.data_position, cfg.run.steps, step_cfg)  # staleness 1 only
         if sleeps:
             engine.sleep()  # colocated on a GPU: vLLM's weights and KV cache make room for training
         t_train = time.perf_counter()
-        train_metrics = policy_update(policy, optimizer, batch, cfg, step)
+        train_metrics = policy_update(policy, optimizer, batch, step_cfg, step)
         train_seconds = time.perf_counter() - t_train
         # Memory order: training's gradients and cached blocks go, then vLLM's weights come back and take the
         # push, and only then its KV cache (the largest allocation) returns.
@@ -339,6 +343,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             "step": step,
             "data_position": batch.data_position,
             "pending_batch": rollouts.pending_state(),
+            **temperature.state(),
         }
         step_seconds = time.perf_counter() - t_step
         response_tokens = sum(len(r) for r in batch.responses)
@@ -347,6 +352,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             **train_metrics,
             **sync_metrics,
             **waited,
+            **temperature.metrics(),
             "time_train_s": train_seconds,
             "time_step_s": step_seconds,
             "tokens_per_s": response_tokens / step_seconds,

@@ -13,11 +13,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
+from typing import Any
 
 from megatron_rl.train.rollouts import RolloutBatch
 
-# collect(step, data_position) -> the batch of RL step `step`, starting at prompt `data_position`
-Collect = Callable[[int, int], RolloutBatch]
+# collect(step, data_position, cfg) -> the batch of RL step `step`, starting at prompt `data_position`, sampled
+# with cfg's rollout settings (its temperature may be the one `temperature: auto` chose for that step)
+Collect = Callable[[int, int, Any], RolloutBatch]
 
 
 class RolloutQueue:
@@ -31,25 +33,26 @@ class RolloutQueue:
         self._future: Future | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="rollout-ahead") if staleness else None
 
-    def take(self, step: int, data_position: int) -> RolloutBatch:
+    def take(self, step: int, data_position: int, cfg: Any) -> RolloutBatch:
         """Step `step`'s batch: the one sampled ahead, or one sampled now with the engines' current weights
-        (step - 1's). Its stats carry staleness_max / staleness_mean (updates between its weights and the
+        (step - 1's) and `cfg`'s rollout settings. Its stats carry staleness_max / staleness_mean (updates between its weights and the
         trainer's)."""
         self.wait()
         if self._pending is not None:
             batch, self._pending = self._pending, None
         else:
-            batch = self._sample(step, data_position, version=step - 1)
+            batch = self._sample(step, data_position, step - 1, cfg)
         staleness = [step - 1 - v for v in batch.policy_versions]
         batch.stats["staleness_max"] = float(max(staleness))
         batch.stats["staleness_mean"] = sum(staleness) / len(staleness)
         return batch
 
-    def start_next(self, step: int, data_position: int, last_step: int) -> None:
+    def start_next(self, step: int, data_position: int, last_step: int, cfg: Any) -> None:
         """At staleness 1, start sampling step + 1's batch from `data_position` on, with the weights the
-        engines hold now (step - 1's); nothing after the last step or at staleness 0."""
+        engines hold now (step - 1's) and `cfg`'s rollout settings (this step's temperature: the batch keeps
+        it, and the loss uses it); nothing after the last step or at staleness 0."""
         if self._thread is not None and step < last_step:
-            self._future = self._thread.submit(self._sample, step + 1, data_position, step - 1)
+            self._future = self._thread.submit(self._sample, step + 1, data_position, step - 1, cfg)
 
     def wait(self) -> dict[str, float]:
         """Block until the batch being sampled ahead (if any) is done: the engines are idle afterwards and may
@@ -74,8 +77,8 @@ class RolloutQueue:
             finally:
                 self._thread.shutdown()
 
-    def _sample(self, step: int, data_position: int, version: int) -> RolloutBatch:
-        batch = self._collect(step, data_position)
+    def _sample(self, step: int, data_position: int, version: int, cfg: Any) -> RolloutBatch:
+        batch = self._collect(step, data_position, cfg)
         batch.policy_versions = [version] * len(batch.responses)
         return batch
 

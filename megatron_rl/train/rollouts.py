@@ -28,6 +28,7 @@ class RolloutBatch:
     truncated: list[bool]
     advantages: list[float]
     trained: list[bool]  # contributes to the loss
+    temperature: float  # what it was sampled at: the loss's log-probs are at this temperature too
     texts: list[str] = field(default_factory=list)
     data_position: int = 0  # the next unused prompt index after this batch
     # per sample: the weights it was sampled with, as the RL step after which they were synced (0: the start)
@@ -210,6 +211,7 @@ def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, 
         truncated=truncated,
         advantages=advantages.tolist(),
         trained=trained,
+        temperature=cfg.rollout.temperature,
         texts=[s.text for s in kept_samples],
         data_position=data_position,
         stats=stats,

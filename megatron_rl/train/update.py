@@ -27,7 +27,7 @@ def policy_update(policy, optimizer, batch, cfg, step: int) -> dict[str, float]:
     for group in optimizer.param_groups:  # a function of the RL step only, so a resumed run continues exactly
         group["lr"] = lr
     policy.train()
-    temperature, g = cfg.rollout.temperature, cfg.grpo
+    temperature, g = batch.temperature, cfg.grpo  # the batch's: a batch sampled ahead keeps its own
     microbatches = pack_microbatches(
         batch.prompts,
         batch.responses,
