@@ -59,3 +59,19 @@ def test_the_code_task_needs_the_code_reward():
     with pytest.raises(ConfigError, match="config key 'data.reward' must be 'code'"):
         load_config(None, ["data.source=synthetic_code"])
     assert load_config("configs/tiny_code.yaml").data.reward == "code"
+
+
+def test_the_tiny_checkpoints_tokenizer_keeps_spaces_and_newlines_as_transformers_loads_it(tmp_path):
+    """transformers (and so vLLM) loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer, with Qwen2's byte-level
+    pre-tokenizer and decoder: the task's prompts and programs still come back whole, one token per character."""
+    from transformers import AutoTokenizer
+
+    from megatron_rl.model.tiny import write_tiny_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(write_tiny_checkpoint(tmp_path / "tiny"))
+    task = TinyCodeTask(seed=1, eval_size=4)
+    for problem in [task.train_problem(0), *task.eval_set()]:
+        for text in (problem.prompt, task.sft_response(problem), "<think>1+2+0=3</think>\\boxed{3}"):
+            ids = tok.encode(text, add_special_tokens=False)
+            assert tok.decode(ids) == text
+            assert len(ids) == len(text) - (len("<think></think>\\boxed{") - 3 if "<think>" in text else 0)

@@ -19,6 +19,9 @@ from megatron_rl.model.hf_config import Qwen2Config
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 STRUCTURE_TOKENS = ["<think>", "</think>", "\\boxed{"]
 CHARACTERS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # 95 printable ASCII + newline
+# Qwen2's pre-tokenizer split (what Qwen2Tokenizer uses whatever the file says): words, single digits, runs of
+# punctuation, newlines, spaces.
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 EOS_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|endoftext|>"
 
@@ -55,15 +58,27 @@ QWEN2_145M = TinyShape(
 
 
 def build_tokenizer():
-    """A fast tokenizer with one token per character plus the structure tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """A fast tokenizer with one token per character plus the structure tokens.
+
+    It is Qwen2's byte-level BPE with no merges (whitespace as the byte-level symbols "Ġ" and "Ċ"): transformers
+    loads the tokenizer of any checkpoint whose config says qwen2 as Qwen2Tokenizer, which replaces the
+    pre-tokenizer and decoder with Qwen2's byte-level ones, so a plain per-character split would lose every
+    space and newline in vLLM and in the trainer (checked: "Read a b" came back as "Readab")."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + STRUCTURE_TOKENS + CHARACTERS)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    # Structure tokens are matched before the per-character split; they decode as text (not special).
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    symbols = [
+        byte_level.pre_tokenize_str(c)[0][0] for c in CHARACTERS
+    ]  # " " -> "Ġ", "\n" -> "Ċ", others as is
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + STRUCTURE_TOKENS + symbols)}
+    core = Tokenizer(models.BPE(vocab, [], unk_token="<unk>"))
+    core.normalizer = normalizers.NFC()
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"), byte_level]
+    )
+    core.decoder = decoders.ByteLevel()
+    # Structure tokens are matched before the split; they decode as text (not special).
     core.add_tokens(STRUCTURE_TOKENS)
     core.add_special_tokens(SPECIAL_TOKENS)
     tok = PreTrainedTokenizerFast(
