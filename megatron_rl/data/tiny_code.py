@@ -1,6 +1,6 @@
 """A synthetic code task the tiny model can learn on a CPU: a stdin/stdout program for a two-operation formula.
 
-Prompt `Read a b. Print a times b minus 7.` -> SFT target
+Prompt `Read a b. Print a*b-7.` -> SFT target
 
     ```python
     a,b=map(int,input().split())
@@ -48,18 +48,12 @@ class Formula:
 
     @property
     def statement(self) -> str:
-        second = "b" if self.first == "a" else "a"
-        return f"Read a b. Print {self.first} {self.op1} {second} {self.op2} {self.constant}."
+        return f"Read a b. Print {self.expression}."
 
 
 def _formula(rng: random.Random) -> Formula:
     words = sorted(WORDS)
     return Formula(rng.choice("ab"), rng.choice(words), rng.choice(words), rng.randint(1, 99))
-
-
-def program(formula: Formula) -> str:
-    """The reference solution."""
-    return f"{READ_LINE}\nprint({formula.expression})\n"
 
 
 def _tests(formula: Formula, rng: random.Random, count: int = 3) -> str:
@@ -118,6 +112,5 @@ class TinyCodeTask:
 
     @staticmethod
     def sft_response(problem: Problem) -> str:
-        words = problem.prompt.removeprefix("Read a b. Print ").removesuffix(".").split()
-        first, op1, _, op2, constant = words
-        return f"```python\n{program(Formula(first, op1, op2, int(constant)))}```"
+        expression = problem.prompt.removeprefix("Read a b. Print ").removesuffix(".")
+        return f"```python\n{READ_LINE}\nprint({expression})\n```"
