@@ -125,6 +125,7 @@ def test_tiny_recipe_file_loads():
         "math",
         "hard_prompts",
         "math_hard",
+        "code",
     ]
     assert run.root == Path("/tmp/nowhere/recipe_tiny")
 
