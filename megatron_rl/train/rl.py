@@ -353,6 +353,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             **sync_metrics,
             **waited,
             **temperature.metrics(),
+            "temperature": batch.temperature,  # what the batch was sampled and trained at (sampled ahead: earlier)
             "time_train_s": train_seconds,
             "time_step_s": step_seconds,
             "tokens_per_s": response_tokens / step_seconds,
