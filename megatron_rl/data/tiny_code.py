@@ -76,16 +76,19 @@ class TinyCodeTask:
     def _problem(self, formula: Formula, rng: random.Random) -> Problem:
         return Problem(prompt=formula.statement, tests=_tests(formula, rng))
 
-    def eval_set(self) -> list[Problem]:
+    def _held_out_pairs(self) -> list[tuple[Formula, Problem]]:
         # Held-out formulas come from a different seed stream; training skips every one of them.
-        problems, seen = [], set()
+        pairs, seen = [], set()
         rng = random.Random(self.seed + 7919)
-        while len(problems) < self.eval_size:
+        while len(pairs) < self.eval_size:
             formula = _formula(rng)
             if formula not in seen:
                 seen.add(formula)
-                problems.append(self._problem(formula, rng))
-        return problems
+                pairs.append((formula, self._problem(formula, rng)))
+        return pairs
+
+    def eval_set(self) -> list[Problem]:
+        return [problem for _, problem in self._held_out_pairs()]
 
     def train_problem(self, index: int) -> Problem:
         held_out = self._held_out()
@@ -100,13 +103,7 @@ class TinyCodeTask:
     def _held_out(self) -> frozenset[Formula]:
         cached = getattr(self, "_held_out_cache", None)
         if cached is None:
-            rng, formulas = random.Random(self.seed + 7919), set()
-            while len(formulas) < self.eval_size:
-                formula = _formula(rng)
-                if formula not in formulas:
-                    formulas.add(formula)
-                    _tests(formula, rng)  # the same draws as eval_set, so the streams stay in step
-            cached = frozenset(formulas)
+            cached = frozenset(formula for formula, _ in self._held_out_pairs())
             object.__setattr__(self, "_held_out_cache", cached)
         return cached
 
