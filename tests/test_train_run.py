@@ -279,12 +279,12 @@ def test_kill_and_resume_matches_uninterrupted(two_runs):
             assert torch.equal(value, b[key]), key
 
 
-def test_staleness_one_trains_on_batches_one_update_old_and_resumes_exactly(tmp_path):
+def test_staleness_one_trains_on_batches_one_update_old_and_resumes_exactly(two_runs, tmp_path):
     """rollout.staleness=1 with the engine in a server process of its own (placement=separate), sampling from the
     trainer's background thread: step 1's batch is sampled with the starting weights, every later one with the
     weights before the previous update (staleness 1, never more); the importance correction sees the lag. A
     resume from the step-2 checkpoint (which holds the batch sampled ahead for step 3) continues exactly like
-    the uninterrupted run."""
+    the uninterrupted run. It starts from the module's short run's final model (no SFT of its own)."""
     import shutil
 
     from megatron_rl.bench.overlap import train_with_engine_server
@@ -292,6 +292,8 @@ def test_staleness_one_trains_on_batches_one_update_old_and_resumes_exactly(tmp_
     def train(name: str, *extra: str):
         args = [
             *_args(tmp_path, name, 4)[4:],
+            f"model.path={two_runs[0] / 'final_model'}",
+            "sft.enabled=false",
             "rollout.staleness=1",
             "grpo.tis_cap=2",
             "run.keep_checkpoints=0",
