@@ -271,9 +271,14 @@ def recipe_cmd(
     recipe: Annotated[Path, typer.Argument(help="recipe YAML: stages and filter steps in order")],
     resume: Annotated[bool, typer.Option("--resume", help="continue the stage that was running")] = False,
     nproc: Annotated[int, typer.Option("--nproc", help="ranks per stage on this machine (torchrun)")] = 1,
+    step: Annotated[
+        str | None,
+        typer.Option("--step", help="run only this step (the steps before it must have finished)"),
+    ] = None,
 ) -> None:
     """Run a recipe's stages in order, each from the previous stage's final model, with hard-prompt filtering
-    between them; extra key=value arguments apply to every stage. Last stdout line: one JSON summary."""
+    between them; extra key=value arguments apply to every stage. Last stdout line: one JSON summary (with
+    --step: that step's result, a stage's result.json or a filter's report)."""
     import logging
 
     from megatron_rl.config import ConfigError
@@ -281,7 +286,7 @@ def recipe_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        summary = RecipeRun(recipe, list(ctx.args), resume, nproc).run()
+        summary = RecipeRun(recipe, list(ctx.args), resume, nproc).run(only=step)
     except ConfigError as e:
         _fail(str(e))
     except RecipeStepFailed as e:

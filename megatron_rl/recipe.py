@@ -38,6 +38,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -132,6 +133,33 @@ def _resolve(path: str, base: Path) -> str:
     return str(p if p.is_absolute() or p.exists() else base / p)
 
 
+@dataclass
+class PlannedStep:
+    """One step of a recipe as it will run. A stage: `megatron-rl train --config CONFIG OVERRIDES` (its model,
+    data and run name decided by the steps before it) in RUN_DIR, finished once RUN_DIR/result.json exists. A
+    filter: curation of SOURCE with MODEL into RUN_DIR, finished once RUN_DIR/report.json exists."""
+
+    name: str
+    kind: Literal["stage", "filter"]
+    run_dir: Path
+    done: Path
+    step: StageStep | FilterStep
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+    domain: str = ""  # a stage's data.reward: math or code
+    model: str | None = None  # the model it starts from (stage; None: the config's) or samples with (filter)
+    source: Path | None = None  # a filter's input rows
+
+    @property
+    def finished(self) -> bool:
+        return self.done.is_file()
+
+    @property
+    def started(self) -> bool:
+        """A stage that wrote its run directory's config (its trainer started) and may have checkpoints."""
+        return self.kind == "stage" and (self.run_dir / "config.yaml").is_file()
+
+
 class RecipeRun:
     def __init__(self, recipe_path: Path, overrides: list[str], resume: bool, nproc: int = 1):
         self.path = recipe_path
@@ -172,83 +200,139 @@ class RecipeRun:
             overrides.append(f"rollout.max_num_seqs={'null' if seqs is None else seqs}")
         return overrides
 
-    def run(self) -> dict:
-        started = time.perf_counter()
-        self.root.mkdir(parents=True, exist_ok=True)
+    def plan(self) -> list[PlannedStep]:
+        """Every step with what it will run, in order, whether or not the steps before it have finished: a stage's
+        model is the previous stage's RUN_DIR/final_model, a filter's output FILTER_DIR/curated.jsonl, paths known
+        before they exist. A stage that fails its config check fails here, before anything runs."""
+        planned: list[PlannedStep] = []
         model: str | None = None
         data: dict[str, str] = {}
-        stages, filtered = [], {"kept": 0, "dropped": 0}
         for i, step in enumerate(self.recipe.steps):
             if isinstance(step, StageStep):
-                result = self.run_stage(step, model, data)
+                config = _resolve(step.config, self.path.parent)
+                overrides = self.stage_overrides(step, model, data)
+                cfg = load_config(config, overrides)
+                run_dir = Path(cfg.run.output_dir) / cfg.run.name
+                planned.append(
+                    PlannedStep(step.stage, "stage", run_dir, run_dir / "result.json", step, config=config,
+                                overrides=overrides, domain=cfg.data.reward, model=model)
+                )  # fmt: skip
+                model, data = str(run_dir / "final_model"), {}
+            else:
+                out, source, data = self.filter_plan(step, self.recipe.steps[i + 1])
+                planned.append(
+                    PlannedStep(
+                        step.filter, "filter", out, out / "report.json", step, model=model, source=source
+                    )
+                )
+        return planned
+
+    def next_step(self) -> PlannedStep | None:
+        """The first step that has not finished (a stage that started and stopped included), None when all have."""
+        return next((p for p in self.plan() if not p.finished), None)
+
+    def run(self, only: str | None = None) -> dict:
+        """Run every step that has not finished, in order (only the step named `only`, when given: the steps
+        before it must have finished); returns the summary (`only`: that step's result or report)."""
+        started = time.perf_counter()
+        self.root.mkdir(parents=True, exist_ok=True)
+        planned = self.plan()
+        if only is not None:
+            names = [p.name for p in planned]
+            if only not in names:
+                raise ConfigError(
+                    f"recipe {self.recipe.name} has no step '{only}' (its steps: {', '.join(names)})"
+                )
+            before = [p.name for p in planned[: names.index(only)] if not p.finished]
+            if before:
+                raise ConfigError(
+                    f"step '{only}' comes after {', '.join(repr(n) for n in before)}, which did not finish: run "
+                    "those first"
+                )
+            planned = [planned[names.index(only)]]
+        ran = False
+        for p in planned:
+            if p.finished:
+                where = f" ({p.done})" if p.kind == "stage" else ""
+                log.info(
+                    "recipe %s: %s %s finished before%s, not run again",
+                    self.recipe.name,
+                    p.kind,
+                    p.name,
+                    where,
+                )
+            elif p.kind == "stage":
+                self.run_stage(p)
+                ran = True
+            else:
+                self.run_filter(p)
+                ran = True
+        if only is not None:
+            return {"step": only, **json.loads(planned[0].done.read_text())}
+        return self.summary(time.perf_counter() - started if ran else None)
+
+    def summary(self, seconds: float | None = None) -> dict:
+        """The recipe's summary from its finished steps' results, written to ROOT/result.json. `seconds`: how long
+        the steps run by this process took ("minutes"); None keeps the minutes of the result.json there."""
+        stages, filtered = [], {"kept": 0, "dropped": 0}
+        for p in self.plan():
+            if not p.finished:
+                raise ConfigError(f"recipe {self.recipe.name}: step '{p.name}' has not finished")
+            result = json.loads(p.done.read_text())
+            if p.kind == "stage":
                 stages.append(
                     {
-                        "name": step.stage,
+                        "name": p.name,
                         "start_accuracy": result["sft_accuracy"],
                         "end_accuracy": result["rl_accuracy"],
                         "minutes": result["minutes"],
                     }
                 )
-                model, data = str(Path(result["run_dir"]) / "final_model"), {}
             else:
-                report, data = self.run_filter(step, model, self.recipe.steps[i + 1])
-                filtered["kept"] += report["kept"]
-                filtered["dropped"] += report["input_rows"] - report["kept"]
-        summary = {
-            "stages": stages,
-            "filtered": filtered,
-            "minutes": round((time.perf_counter() - started) / 60, 2),
-        }
-        (self.root / "result.json").write_text(json.dumps(summary, indent=1))
+                filtered["kept"] += result["kept"]
+                filtered["dropped"] += result["input_rows"] - result["kept"]
+        path = self.root / "result.json"
+        if seconds is None and path.is_file():
+            minutes = json.loads(path.read_text()).get("minutes", 0.0)
+        else:
+            minutes = round((seconds or 0.0) / 60, 2)
+        summary = {"stages": stages, "filtered": filtered, "minutes": minutes}
+        self.root.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1))
         return summary
 
-    def run_stage(self, step: StageStep, model: str | None, data: dict[str, str]) -> dict:
-        config = _resolve(step.config, self.path.parent)
-        overrides = self.stage_overrides(step, model, data)
-        cfg = load_config(config, overrides)  # a bad stage fails here, before anything runs
-        run_dir = Path(cfg.run.output_dir) / cfg.run.name
-        done = run_dir / "result.json"
-        if done.is_file():
-            log.info(
-                "recipe %s: stage %s finished before (%s), not run again", self.recipe.name, step.stage, done
-            )
-            return json.loads(done.read_text())
-        started_before = (run_dir / "config.yaml").is_file()
-        if started_before and not self.resume:
+    def run_stage(self, p: PlannedStep) -> dict:
+        """`megatron-rl train` for the stage, in a subprocess (torchrun with --nproc > 1); a stage that started
+        before is continued with --resume, and refused without it."""
+        if p.started and not self.resume:
             raise ConfigError(
-                f"stage '{step.stage}' was started before in {run_dir} and did not finish: pass --resume to "
+                f"stage '{p.name}' was started before in {p.run_dir} and did not finish: pass --resume to "
                 "continue it from its latest checkpoint (or remove the directory to start it afresh)"
             )
         log.info(
-            "recipe %s: stage %s (%s)%s",
-            self.recipe.name,
-            step.stage,
-            config,
-            " resumed" if started_before else "",
+            "recipe %s: stage %s (%s)%s", self.recipe.name, p.name, p.config, " resumed" if p.started else ""
         )
         launcher = [sys.executable]
         if self.nproc > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.nproc}"]
-        args = [*launcher, "-m", "megatron_rl.cli", "train", "--config", config, *overrides]
-        if started_before:
+        args = [*launcher, "-m", "megatron_rl.cli", "train", "--config", p.config, *p.overrides]
+        if p.started:
             args.append("--resume")
         proc = subprocess.run(args, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise RecipeStepFailed(
-                f"stage '{step.stage}' exited with status {proc.returncode}; see its log above",
-                proc.returncode,
+                f"stage '{p.name}' exited with status {proc.returncode}; see its log above", proc.returncode
             )
-        return json.loads(done.read_text())
+        return json.loads(p.done.read_text())
 
-    def run_filter(self, step: FilterStep, model: str, next_stage: StageStep) -> tuple[dict, dict[str, str]]:
-        """Filter the next stage's training rows with `model`; returns the report and the data overrides that
-        point the next stage at the kept rows."""
+    def filter_plan(self, step: FilterStep, next_stage: StageStep) -> tuple[Path, Path, dict[str, str]]:
+        """Where the filter writes, the rows it filters, and the data overrides that point the next stage at the
+        kept rows."""
         out = self.root / step.filter
-        report_path = out / "report.json"
         chained: dict[str, str] = {}
         if step.synthetic is not None:
-            source, held_out = out / "input.jsonl", out / "heldout.jsonl"
-            chained["data.eval_path"] = str(held_out)
+            source = out / "input.jsonl"
+            chained["data.eval_path"] = str(out / "heldout.jsonl")
         elif step.data is not None:
             source = Path(_resolve(_expand(step.data, f"filter {step.filter} data"), self.path.parent))
         elif self.training_file(next_stage) is not None:
@@ -264,21 +348,27 @@ class RecipeRun:
                 )
             source = Path(cfg.data.train_path)
         chained.update({"data.source": "file", "data.train_path": str(out / "curated.jsonl")})
-        if report_path.is_file():
-            log.info("recipe %s: filter %s finished before, not run again", self.recipe.name, step.filter)
-            return json.loads(report_path.read_text()), chained
+        return out, source, chained
+
+    def run_filter(self, p: PlannedStep) -> dict:
+        """`megatron-rl curate --difficulty` with the model trained so far on the filter's rows (written first when
+        synthetic); writes and returns its report."""
+        step, out = p.step, p.run_dir
+        assert isinstance(step, FilterStep) and p.model is not None and p.source is not None
         out.mkdir(parents=True, exist_ok=True)
         if step.synthetic is not None:
-            self._write_synthetic(next_stage, step.synthetic, source, held_out)
+            next_stage = self.recipe.steps[self.recipe.steps.index(step) + 1]
+            assert isinstance(next_stage, StageStep)
+            self._write_synthetic(next_stage, step.synthetic, p.source, out / "heldout.jsonl")
         args = [
-            sys.executable, "-m", "megatron_rl.cli", "curate", str(source), "--out", str(out), "--difficulty",
-            "--model", model, "--k", str(step.k), "--temperature", str(step.temperature),
+            sys.executable, "-m", "megatron_rl.cli", "curate", str(p.source), "--out", str(out), "--difficulty",
+            "--model", p.model, "--k", str(step.k), "--temperature", str(step.temperature),
         ]  # fmt: skip
         if step.max_pass_rate is not None:
             args += ["--max-pass-rate", str(step.max_pass_rate)]
         if step.drop_unsolved:
             args.append("--drop-unsolved")
-        log.info("recipe %s: filter %s on %s with %s", self.recipe.name, step.filter, source, model)
+        log.info("recipe %s: filter %s on %s with %s", self.recipe.name, step.filter, p.source, p.model)
         proc = subprocess.run(args, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
             raise RecipeStepFailed(
@@ -287,10 +377,10 @@ class RecipeRun:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         if report["kept"] == 0:
             raise ConfigError(
-                f"filter '{step.filter}' kept no row of {source}: loosen max_pass_rate or drop_unsolved"
+                f"filter '{step.filter}' kept no row of {p.source}: loosen max_pass_rate or drop_unsolved"
             )
-        report_path.write_text(json.dumps(report, indent=1))
-        return report, chained
+        p.done.write_text(json.dumps(report, indent=1))
+        return report
 
     def _write_synthetic(self, next_stage: StageStep, count: int, train: Path, held_out: Path) -> None:
         from megatron_rl.data.synthetic import problem_row, synthetic_task

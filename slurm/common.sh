@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# The body shared by slurm/{sft,math,code}_stage.sh: sourced by them, never run or submitted on its own.
+# The body shared by slurm/{sft,math,code}_stage.sh and slurm/recipe.sh (for a recipe's stage): sourced by them,
+# never run or submitted on its own.
 #
 # The stage script sets STAGE (sft | math | code) and DEFAULT_CONFIG, then sources this file, which
 #   1. checks the settings (one line naming what is missing or wrong, exit 2),
@@ -9,7 +10,8 @@
 #      the last rollout.engine_nodes nodes run vLLM engine servers (`megatron-rl serve-rollout`, one per
 #      rollout.tensor_parallel_size GPUs) in a second step and the trainer runs on the other nodes,
 #   4. on SIGUSR1 (the time-limit warning, --signal=B:USR1@...) asks the trainer to checkpoint and stop after its
-#      current step, and requeues the job when it did; the requeued job resumes from that checkpoint.
+#      current step, and requeues the job when it did; the requeued job resumes from that checkpoint,
+#   5. once the trainer exited 0, calls the sourcing script's stage_finished function when it defines one.
 # Settings and their defaults are listed in the stage scripts' headers and in docs/launching.md.
 
 set -euo pipefail
@@ -257,4 +259,6 @@ if [[ $rc == "$EXIT_PREEMPTED" && $got_signal != TERM ]]; then
 	scontrol requeue "$SLURM_JOB_ID"
 	exit 0
 fi
+# slurm/recipe.sh defines stage_finished: it submits the job of the recipe's next step.
+if [[ $rc == 0 ]] && declare -F stage_finished >/dev/null; then stage_finished; fi
 exit "$rc"
