@@ -272,8 +272,9 @@ class RecipeRun:
         return self.summary(time.perf_counter() - started if ran else None)
 
     def summary(self, seconds: float | None = None) -> dict:
-        """The recipe's summary from its finished steps' results, written to ROOT/result.json. `seconds`: how long
-        the steps run by this process took ("minutes"); None keeps the minutes of the result.json there."""
+        """The recipe's summary from its finished steps' results, written to ROOT/result.json. "minutes": `seconds`,
+        how long the steps run by this process took; without it, those of the result.json there, else the sum of
+        the stages' minutes (steps run by other processes, e.g. one Slurm job each)."""
         stages, filtered = [], {"kept": 0, "dropped": 0}
         for p in self.plan():
             if not p.finished:
@@ -292,10 +293,12 @@ class RecipeRun:
                 filtered["kept"] += result["kept"]
                 filtered["dropped"] += result["input_rows"] - result["kept"]
         path = self.root / "result.json"
-        if seconds is None and path.is_file():
+        if seconds is not None:
+            minutes = round(seconds / 60, 2)
+        elif path.is_file():
             minutes = json.loads(path.read_text()).get("minutes", 0.0)
-        else:
-            minutes = round((seconds or 0.0) / 60, 2)
+        else:  # the steps ran elsewhere (a chain of jobs): the stages' own minutes
+            minutes = round(sum(s["minutes"] for s in stages), 2)
         summary = {"stages": stages, "filtered": filtered, "minutes": minutes}
         self.root.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1))

@@ -200,3 +200,40 @@ def test_slurm_job_resumes_and_retries(tmp_path, monkeypatch):
         "train", Path("configs/math_stage_7b.yaml"), ["run.steps=3"], "python", resume=True
     )
     assert script.args == ["train", "--config", "configs/math_stage_7b.yaml", "--resume", "run.steps=3"]
+
+
+def test_recipe_is_one_task_per_unfinished_step(tmp_path):
+    """launchers/recipe.py: on Slurm a stage is the trainer with the overrides the recipe plans for it (the model
+    and data of the steps before it), a filter one task of `megatron-rl recipe --step`; a finished step is not
+    launched again; locally every step is `megatron-rl recipe --step NAME --resume`."""
+    from launchers.recipe import recipe_tasks
+
+    recipe, out = REPO / "configs" / "recipe_tiny.yaml", tmp_path / "runs"
+    overrides = [f"run.output_dir={out}"]
+    _, tasks = recipe_tasks(recipe, overrides, "slurm", {"account": "acct"}, "python", str(tmp_path / "jobs"))
+    assert [(t.name, t.kind) for t in tasks] == [
+        ("math", "stage"), ("hard_prompts", "filter"), ("math_hard", "stage"), ("code", "stage"),
+    ]  # fmt: skip
+    math_hard = tasks[2].script.args
+    assert math_hard[:4] == ["train", "--config", "configs/tiny_math.yaml", "--resume"]
+    assert f"model.path={out}/recipe_tiny/math/final_model" in math_hard
+    assert f"data.train_path={out}/recipe_tiny/hard_prompts/curated.jsonl" in math_hard
+    assert math_hard[-1] == "run.name=recipe_tiny/math_hard"
+    assert tasks[3].script.args[2] == "configs/tiny_code.yaml"
+    assert tasks[1].script.args == [
+        "recipe",
+        "configs/recipe_tiny.yaml",
+        "--step",
+        "hard_prompts",
+        *overrides,
+    ]
+    assert (tasks[1].executor.nodes, tasks[1].executor.ntasks_per_node) == (1, 1)
+    assert all(isinstance(t.executor, run.SlurmExecutor) and t.executor.account == "acct" for t in tasks)
+
+    (out / "recipe_tiny" / "math").mkdir(parents=True)
+    (out / "recipe_tiny" / "math" / "result.json").write_text("{}")  # the first stage has finished
+    _, tasks = recipe_tasks(recipe, overrides, "local")
+    assert [t.name for t in tasks] == ["hard_prompts", "math_hard", "code"]
+    assert tasks[0].script.args == [
+        "recipe", str(recipe), "--step", "hard_prompts", "--resume", "--nproc", "1", *overrides,
+    ]  # fmt: skip

@@ -268,10 +268,9 @@ def slurm(tmp_path_factory):
 
 
 def _log(out_dir: Path, job_id: str) -> str:
-    logs = list((out_dir / "logs").glob(f"*-{job_id}.out"))
-    sbatch_out = out_dir / f"sbatch-{job_id}.out"
-    text = sbatch_out.read_text(errors="replace") if sbatch_out.is_file() else ""
-    return text + "".join(p.read_text(errors="replace") for p in logs)
+    """The job's batch output (OUT_DIR/<name>-<job id>.out), then its log (OUT_DIR/logs/<name>-<job id>.out)."""
+    paths = [*out_dir.glob(f"*-{job_id}.out"), *(out_dir / "logs").glob(f"*-{job_id}.out")]
+    return "".join(p.read_text(errors="replace") for p in paths)
 
 
 def _metric_steps(run_dir: Path) -> list[int]:
@@ -303,10 +302,11 @@ def _preempt_as_soon_as_it_runs(slurm: Cluster, out_dir: Path, job_id: str) -> d
     the batch script has its traps (it then writes the trainer's stop file, which the trainer reads after each
     step): the trainer, still starting, checkpoints and stops after its first step, far from its last one however
     loaded this machine is. Check the job requeued, and return it once it has finished."""
-    log = out_dir / "logs" / f"mrl-math-{job_id}.out"
 
     def trapped() -> bool:  # the batch script's "job <id> ... restart 0:" line comes after its traps
-        return log.is_file() and " restart 0:" in log.read_text(errors="replace")
+        return any(
+            " restart 0:" in log.read_text(errors="replace") for log in out_dir.glob(f"logs/*-{job_id}.out")
+        )
 
     assert _until(trapped, slurm, job_id, 120, "the job to start"), (slurm.job(job_id), _log(out_dir, job_id))
     slurm.run("scancel", "--signal=USR1", "--batch", job_id)
@@ -317,15 +317,23 @@ def _preempt_as_soon_as_it_runs(slurm: Cluster, out_dir: Path, job_id: str) -> d
     )  # waits cred_expire, reruns
 
 
-def test_math_stage_requeues_on_usr1_and_resumes(slurm, tmp_path):
-    """Two ranks (one node, two tasks: data-parallel 2), a checkpoint every 2 steps. A USR1 stops the run after its
-    current step (the first) with a checkpoint there too, the job requeues itself, resumes from that checkpoint and
-    finishes: the last step is checkpointed though off the interval, with every rank's state, and there is one
-    result line, from rank 0."""
-    steps, every = 3, 2
-    overrides = ["run.name=preempted", f"run.steps={steps}", f"run.checkpoint_every={every}", *QUICK]
-    job_id = slurm.submit("slurm/math_stage.sh", tmp_path, overrides)  # 1 node x 2 tasks
-    run_dir = tmp_path / "preempted"
+def test_recipe_chains_its_stages_and_requeues_mid_stage(slurm, tmp_path):
+    """`sbatch slurm/recipe.sh RECIPE` for two short stages, each with two ranks (one node, two tasks: data-parallel
+    2). A USR1 stops the first stage after its current step (the first) with a checkpoint there, the job requeues
+    itself, resumes the stage from that checkpoint and finishes it: the last step is checkpointed though off the
+    interval, with every rank's state, and there is one result line, from rank 0. The job then submits the second
+    stage's job (afterok), which starts from the first stage's final model without running the first stage again,
+    and ends with the recipe's summary line."""
+    steps = 2
+    config = str(REPO / "configs" / "tiny_math.yaml")
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(json.dumps({"name": "chain", "steps": [
+        {"stage": "first", "config": config, "overrides": [f"run.steps={steps}", "run.checkpoint_every=3", *QUICK]},
+        {"stage": "second", "config": config, "overrides": ["run.steps=1", *QUICK]},
+    ]}))  # fmt: skip
+    job_id = slurm.submit("slurm/recipe.sh", tmp_path, [str(recipe)])  # 1 node x 2 tasks
+    root = tmp_path / "chain"
+    run_dir = root / "first"
     job = _preempt_as_soon_as_it_runs(slurm, tmp_path, job_id)
     log = _log(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-4000:]
@@ -338,6 +346,7 @@ def test_math_stage_requeues_on_usr1_and_resumes(slurm, tmp_path):
     step = int(stopped.group(1))
     assert 1 <= step < steps
     assert "trainer exited with code 85" in first and f"requeueing job {job_id}" in first
+    assert "submitted job" not in first  # a stage that stopped part-way chains nothing
     assert f"resumed from {run_dir}/checkpoints/step_{step:06d} at step {step}" in second
     assert "trainer exited with code 0" in second
     assert _metric_steps(run_dir) == list(range(1, steps + 1))
@@ -348,6 +357,28 @@ def test_math_stage_requeues_on_usr1_and_resumes(slurm, tmp_path):
     results = [json.loads(line.split(": ", 1)[1]) for line in log.splitlines() if re.match(r"[01]: \{", line)]
     assert len(results) == 1 and results[0]["run_dir"] == str(run_dir)  # one result line, from rank 0
     assert "\n0: {" in second
+    finished = (run_dir / "result.json").stat().st_mtime
+
+    # The chained job: the second stage, from the first one's final model; the first is not run again.
+    submitted = re.search(rf"submitted job (\d+) for step stage 'second' \(after job {job_id}\)", second)
+    assert submitted, log[-4000:]
+    next_id = submitted.group(1)
+    slurm.jobs.append(next_id)
+    next_job = slurm.wait_job(next_id, lambda j: j["JobState"] in FINISHED, timeout=400)
+    next_log = _log(tmp_path, next_id)
+    assert (next_job["JobState"], next_job["Restarts"], next_job["NumTasks"]) == ("COMPLETED", "0", "2"), (
+        next_log
+    )
+    assert "stage 'second' (new)" in next_log and "run.name=chain/second" in next_log
+    assert "run.name=chain/first" not in next_log and "resumed from" not in next_log
+    assert (run_dir / "result.json").stat().st_mtime == finished
+    assert _metric_steps(run_dir) == list(range(1, steps + 1))
+    second_cfg = json.loads((root / "second" / "config.yaml").read_text())
+    assert second_cfg["model"]["path"] == str(run_dir / "final_model")
+    assert _metric_steps(root / "second") == [1]
+    summary = json.loads(next_log.strip().splitlines()[-1])
+    assert [s["name"] for s in summary["stages"]] == ["first", "second"]
+    assert json.loads((root / "result.json").read_text()) == summary
 
 
 def _job_hosts(slurm: Cluster, job: dict[str, str]) -> list[str]:
