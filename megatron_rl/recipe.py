@@ -27,6 +27,11 @@ run as subprocesses (`python -m megatron_rl.cli train|curate`; under `--nproc N`
 so each gets a fresh process, as each job of a cluster recipe does. The last stdout line is one JSON object:
 {"stages": [{"name", "start_accuracy", "end_accuracy", "minutes"}, ...], "filtered": {"kept", "dropped"},
 "minutes"}, also written to RUN.OUTPUT_DIR/NAME/result.json.
+
+Every step's command is planned before any runs (`RecipeRun.plan`: paths are known before they exist), so the
+cluster launchers run the same recipe one job per step: slurm/recipe.sh runs `next_step()` in each job and submits
+the next one; launchers/recipe.py submits one NeMo-Run task per unfinished step. `--step NAME` runs one step
+(refused until the steps before it have finished).
 """
 
 from __future__ import annotations

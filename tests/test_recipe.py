@@ -96,6 +96,23 @@ def test_recipe_killed_in_its_second_stage_resumes_there(tmp_path):
     )
 
 
+def test_plan_and_one_step(tmp_path):
+    """Every step is planned before any runs (the second stage's model is the first one's final model); --step runs
+    one step only once the steps before it have finished."""
+    out = tmp_path / "runs"
+    run = RecipeRun(write_recipe(tmp_path), [f"run.output_dir={out}"], resume=False)
+    plan = run.plan()
+    assert [(p.name, p.kind) for p in plan] == [("first", "stage"), ("hard", "filter"), ("second", "stage")]
+    assert plan[1].model == str(out / "mini" / "first" / "final_model")
+    assert f"model.path={out}/mini/first/final_model" in plan[2].overrides
+    assert f"data.train_path={out}/mini/hard/curated.jsonl" in plan[2].overrides
+    assert run.next_step().name == "first"
+    with pytest.raises(ConfigError, match="step 'second' comes after 'first', 'hard', which did not finish"):
+        run.run(only="second")
+    with pytest.raises(ConfigError, match="has no step 'nope'"):
+        run.run(only="nope")
+
+
 @pytest.mark.parametrize(
     "steps,message",
     [
