@@ -129,13 +129,17 @@ submit_next() {
 	echo "[$(date '+%F %T')] recipe $RECIPE: submitted job ${job%%;*} for step $next_kind '$next_name' (after job $SLURM_JOB_ID)"
 }
 
-# After this job's step: the next step's job, or the summary when the recipe is done.
+# After this job's step: the next step's job, or the summary when the recipe is done. A step that exited 0 and
+# left no result (result.json, report.json) would be submitted again and again: that is an error instead.
 # shellcheck disable=SC2317 # called by slurm/common.sh and below
 stage_finished() {
+	local ran=$next_name
 	plan_next
 	if [[ $next_kind == "done" ]]; then
 		echo "[$(date '+%F %T')] recipe $RECIPE: every step has finished"
 		echo "$summary"
+	elif [[ $next_name == "$ran" ]]; then
+		die "step '$ran' exited with code 0 but did not finish (no result file in its directory): not submitting it again"
 	else
 		submit_next
 	fi
