@@ -6,7 +6,8 @@ NAME`, each with its own port, spool, pid and log file), named after this host a
 names resolve (MASTER_ADDR and rollout.broadcast_host are node names). Each node has 2 CPUs and 2 GPUs that are
 device nodes made here (mknod, no hardware): Slurm's own GPU binding sets CUDA_VISIBLE_DEVICES per task, and
 torch still sees no GPU. The jobs run the tiny CPU config with two tasks (two ranks, data-parallel 2), as
-`sbatch slurm/math_stage.sh` would on a GPU cluster, and with vLLM on the second node (placement=separate).
+`sbatch slurm/math_stage.sh` would on a GPU cluster, with vLLM on the second node (placement=separate), and a
+two-stage recipe as a chain of jobs (`sbatch slurm/recipe.sh RECIPE`).
 """
 
 from __future__ import annotations
