@@ -45,6 +45,7 @@ from launchers.common import (
     slurm_retries,
 )
 from megatron_rl.config import ConfigError, load_config
+from megatron_rl.plan import PlanError
 from megatron_rl.recipe import FilterStep, PlannedStep, RecipeRun
 
 
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         retries = slurm_retries(args.retries) if slurm else 0
         recipe, tasks = recipe_tasks(args.recipe, overrides, args.executor, flags, args.python, job_root,
                                      args.ssh_host, args.ssh_user, retries)  # fmt: skip
-    except (ConfigError, LaunchError) as e:
+    except (ConfigError, LaunchError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not tasks:
