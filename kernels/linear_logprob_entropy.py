@@ -43,8 +43,8 @@ from kernels.logprob_entropy import (
     _all_gather_single,
     _combine_partials,
     _finish_partials,
-    _select_backend,
     _interpreting,
+    _select_backend,
     tl,
     triton,
 )
@@ -318,6 +318,21 @@ def _backward_reference(hidden, weight, targets, stats, g_lp, g_ent, vocab_start
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _finish(partials, targets, inv_tau, ignore_index, rows_per_chunk: int = 1 << 16):
+    """(logprob [T], entropy [T], stats [T, 3] = (m, log_s, entropy)) from whole-vocabulary partials [T, 4],
+    a chunk of rows at a time so that the temporaries do not grow with T; stats (12 bytes per token) is all
+    the backward pass keeps."""
+    n_rows = partials.shape[0]
+    stats = partials.new_empty(n_rows, 3)
+    logprob = partials.new_empty(n_rows)
+    for lo in range(0, n_rows, rows_per_chunk):
+        sl = slice(lo, lo + rows_per_chunk)
+        m, log_s, entropy, x_target = _finish_partials(partials[sl])
+        stats[sl] = torch.stack([m, log_s, entropy], dim=-1)
+        logprob[sl] = torch.where(targets[sl] == ignore_index, 0.0, (x_target - m) * inv_tau - log_s)
+    return logprob, stats[:, 2].clone(), stats
+
+
 class _LinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, tp_group, ignore_index, backend, tuning):
@@ -330,10 +345,8 @@ class _LinearLogprobEntropy(torch.autograd.Function):
             gathered = partials.new_empty(tp_size * partials.shape[0], 4)  # concatenated: gloo needs that
             _all_gather_single(gathered, partials, group=tp_group)
             partials = _combine_partials(gathered.view(tp_size, -1, 4), inv_tau)
-        m, log_s, entropy, x_target = _finish_partials(partials)
+        logprob, entropy, stats = _finish(partials, targets, inv_tau, ignore_index)
         del partials
-        logprob = torch.where(targets == ignore_index, 0.0, (x_target - m) * inv_tau - log_s)
-        stats = torch.stack([m, log_s, entropy], dim=-1)  # 12 bytes per token: all backward keeps
         ctx.save_for_backward(hidden, weight, targets, stats)
         ctx.config = (tp_group, tp_size, vocab_start, inv_tau, ignore_index, backend, tuning)
         return logprob, entropy
