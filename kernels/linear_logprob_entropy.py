@@ -63,7 +63,8 @@ _TARGET_PROGRAMS = 264
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels: plain functions wrapped by triton.jit at first use (see logprob_entropy._triton_kernels for
-# why), reducing with tl.reduce and Triton's combine functions instead of tl.max / tl.sum for the same reason.
+# why), reducing with tl.reduce and Triton's combine functions instead of tl.max / tl.sum, and making zeros
+# with tl.full instead of tl.zeros, for the same reason (those three are @triton.jit library functions).
 # Grid: (token blocks, vocabulary splits); each program walks its split's vocabulary tiles.
 #
 # IEEE (a constexpr) makes every tl.dot an fp32 product of operands converted to fp32: for fp32 inputs, so that
@@ -86,9 +87,9 @@ def _fwd_kernel(
     local = tl.where(target == ignore_index, -1, target - vocab_start)  # -1: no column is the target
 
     m = tl.full((BLOCK_T,), -float("inf"), tl.float32)  # running max of the raw logits
-    s = tl.zeros((BLOCK_T,), tl.float32)  # sum exp((x - m) / tau)
-    a = tl.zeros((BLOCK_T,), tl.float32)  # sum exp((x - m) / tau) * (x - m) / tau
-    x_target = tl.zeros((BLOCK_T,), tl.float32)
+    s = tl.full((BLOCK_T,), 0.0, tl.float32)  # sum exp((x - m) / tau)
+    a = tl.full((BLOCK_T,), 0.0, tl.float32)  # sum exp((x - m) / tau) * (x - m) / tau
+    x_target = tl.full((BLOCK_T,), 0.0, tl.float32)
     ks = tl.arange(0, BLOCK_K)
     lo = split * cols_per_split
     hi = tl.minimum(lo + cols_per_split, n_cols)
@@ -96,7 +97,7 @@ def _fwd_kernel(
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < hi
         # fp32 logits tile [BLOCK_T, BLOCK_V] = h[rows] @ W[cols].T, BLOCK_K hidden columns per dot.
-        x = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+        x = tl.full((BLOCK_T, BLOCK_V), 0.0, tl.float32)
         for k0 in range(0, n_hidden, BLOCK_K):
             k = k0 + ks
             k_mask = k < n_hidden
@@ -125,7 +126,7 @@ def _fwd_kernel(
         a = scale * (a + shift * s) + tl.reduce(ed, 1, tl.standard._sum_combine)
         s = scale * s + tl.reduce(e, 1, tl.standard._sum_combine)
         m = m_new
-        hit = cols[None, :] == local[:, None]
+        hit = (cols[None, :] == local[:, None]) & col_mask[None, :]  # the next split's columns are not ours
         x_target += tl.reduce(tl.where(hit, x, 0.0), 1, tl.standard._sum_combine)
 
     out = partials_ptr + (split * n_rows + rows) * 4
@@ -161,7 +162,7 @@ def _bwd_kernel(
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_mask = cols < hi
         # fp32 logits tile [BLOCK_T, BLOCK_V] = h[rows] @ W[cols].T, BLOCK_K hidden columns per dot.
-        x = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+        x = tl.full((BLOCK_T, BLOCK_V), 0.0, tl.float32)
         for k0 in range(0, n_hidden, BLOCK_K):
             k = k0 + ks
             k_mask = k < n_hidden
