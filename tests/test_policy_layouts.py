@@ -268,3 +268,62 @@ def test_rollout_corrections_in_the_update(tiny_ckpt_gqa_tied, tmp_path):
     assert any(
         not torch.equal(a, b) for a, b in zip(r["masked"]["weights"], r["plain"]["weights"], strict=True)
     )
+
+
+def _fused_vs_unfused(rank: int, world: int, model_dir: str, out: str) -> None:
+    """One policy_update with the output layer unfused (logits) and fused (hidden states + weight through
+    kernels.linear_logprob_entropy), from the same weights on the same batch."""
+    import megatron_rl.model.policy as policy_module
+    from megatron_rl.algo.packing import pack_microbatches, unpack_to_samples
+    from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
+    from megatron_rl.model.policy import Policy
+    from megatron_rl.train.optimizer import build_optimizer
+    from megatron_rl.train.update import policy_update
+
+    kernel_calls = []
+    fused_kernel = policy_module.linear_logprob_entropy
+    policy_module.linear_logprob_entropy = lambda hidden, *a, **k: (
+        kernel_calls.append(tuple(hidden.shape)) or fused_kernel(hidden, *a, **k)
+    )
+    init_distributed(ParallelLayout(), rank=rank, world_size=world)
+    cfg = config(100)
+    results, rollout = {}, None
+    for fused in (False, True):
+        policy = Policy.from_hf(model_dir, fused_output_layer=fused)
+        batch = make_batch(policy.cfg.vocab_size)
+        mbs = pack_microbatches(batch.prompts, batch.responses, 100)
+        mbs_logprobs = policy.forward_logprobs(mbs, cfg.rollout.temperature)
+        if rollout is None:  # the unfused log-probs stand in for vLLM's in both runs
+            rollout = unpack_to_samples([lp for lp, _ in mbs_logprobs], mbs)
+        batch.rollout_logprobs = [rollout[i].clone() for i in range(len(SHAPES))]
+        metrics = policy_update(policy, build_optimizer(policy, cfg.optim), batch, cfg, step=1)
+        results[fused] = {
+            "logprobs": [lp for lp, _ in mbs_logprobs],
+            "metrics": metrics,
+            "grads": gathered_grads(policy),
+            "weights": [p.detach().clone() for p in policy.parameters()],
+            "kernel_calls": list(kernel_calls),
+            "hidden_size": policy.cfg.hidden_size,
+        }
+        kernel_calls.clear()
+    torch.save(results, out)
+    shutdown()
+
+
+def test_fused_output_layer_gives_the_same_update(tiny_ckpt_gqa_tied, tmp_path):
+    """model.fused_output_layer: the same log-probs, gradient (tied embedding/output weight included) and
+    updated weights as the logits path, within 1e-5 (fp32 on the CPU, the kernel's torch reference)."""
+    out = str(tmp_path / "fused.pt")
+    run_distributed(_fused_vs_unfused, 1, tiny_ckpt_gqa_tied, out)
+    r = torch.load(out)
+    # The fused run went through the kernel with [T, H] hidden states (logprobs, then forward+backward).
+    assert r[False]["kernel_calls"] == [] and len(r[True]["kernel_calls"]) >= 2
+    assert all(shape[1] == r[True]["hidden_size"] for shape in r[True]["kernel_calls"])
+    for a, b in zip(r[False]["logprobs"], r[True]["logprobs"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert_same(r[True]["grads"], r[False]["grads"], "fused vs unfused output layer")
+    for a, b in zip(r[False]["weights"], r[True]["weights"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for key in ("loss", "entropy_mean", "grad_norm"):
+        want = r[False]["metrics"][key]
+        assert abs(r[True]["metrics"][key] - want) <= 1e-5 * abs(want), key
