@@ -118,3 +118,22 @@ def test_a_wrong_kernel_is_never_timed(cpu_as_cuda, tmp_path, monkeypatch):
     fused = [r for r in data["results"] if r["impl"] == "fused"]
     assert fused and all("not timed" in r["error"] and "fwd_ms" not in r for r in fused)
     assert all("error" not in r for r in data["results"] if r["impl"] == "torch")
+
+
+def test_gpu_check_dry_run(tmp_path, monkeypatch):
+    """`make gpu-check`'s script end to end at tiny sizes on the CPU: the compiled-kernel tests are collected and
+    skip (no CUDA), the benchmarks refuse, and the one JSON file records every step."""
+    from megatron_rl.bench import gpu_check
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert gpu_check.main(["--dry-run"]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [s["name"] for s in report["steps"]] == ["tests", "logits", "linear"]
+    tests, logits, linear = report["steps"]
+    assert tests["rc"] == 0 and "skipped" in tests["output_tail"], tests["output_tail"]
+    for bench_step in (logits, linear):
+        assert bench_step["rc"] == 2 and "needs a CUDA device" in bench_step["output_tail"]
+    assert report["ok"] is False and report["targets"] == {}
+    full = gpu_check.steps(gpu_check.FULL, tmp_path)
+    assert sum(gpu_check.LIMITS.values()) <= 8 * 60  # the issue's budget
+    assert "32768" in full[1][1] and "152064" in full[2][1] and "3584" in full[2][1]
