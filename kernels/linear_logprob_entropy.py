@@ -237,6 +237,8 @@ def _forward_triton(hidden, weight, targets, vocab_start, inv_tau, ignore_index,
     fwd, _ = _triton_kernels(_interpreting())
     tiles, num_warps, n_splits = tuning
     (n_rows, n_hidden), n_cols = hidden.shape, weight.shape[0]
+    if n_rows == 0:  # an empty grid is not a launch
+        return torch.empty(0, 4, device=hidden.device, dtype=torch.float32)
     grid, cols_per_split = _triton_grid(n_rows, n_cols, tiles, n_splits)
     partials = torch.empty(grid[1], n_rows, 4, device=hidden.device, dtype=torch.float32)
     fwd[grid](
@@ -252,9 +254,11 @@ def _backward_triton(hidden, weight, targets, stats, g_lp, g_ent, vocab_start, i
     _, bwd = _triton_kernels(_interpreting())
     tiles, num_warps, n_splits = tuning
     (n_rows, n_hidden), n_cols = hidden.shape, weight.shape[0]
-    grid, cols_per_split = _triton_grid(n_rows, n_cols, tiles, n_splits)
     d_hidden = torch.zeros(n_rows, n_hidden, device=hidden.device, dtype=torch.float32)
     d_weight = torch.zeros(n_cols, n_hidden, device=hidden.device, dtype=torch.float32)
+    if n_rows == 0:
+        return d_hidden, d_weight
+    grid, cols_per_split = _triton_grid(n_rows, n_cols, tiles, n_splits)
     bwd[grid](
         hidden, hidden.stride(0), weight, weight.stride(0), targets, stats, g_lp, g_ent, d_hidden, d_weight,
         n_rows, n_cols, n_hidden, cols_per_split, vocab_start, inv_tau, ignore_index,

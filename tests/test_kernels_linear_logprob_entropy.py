@@ -143,6 +143,17 @@ def test_equals_the_logits_kernel(interpret):
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(interpret, backend):
+    h, w = torch.zeros(0, 40, requires_grad=True), torch.randn(200, 40, requires_grad=True)
+    lp, ent = linear_logprob_entropy(
+        h, w, torch.zeros(0, dtype=torch.long), backend=backend, **TILES[backend]
+    )
+    assert lp.shape == ent.shape == (0,)
+    d_h, d_w = torch.autograd.grad([lp.sum() + ent.sum()], [h, w])
+    assert d_h.shape == (0, 40) and torch.count_nonzero(d_w) == 0
+
+
 def test_reference_function_and_validation(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     h, w, targets, _, _ = make_case(n_rows=4, vocab=50)
