@@ -18,17 +18,21 @@ Backward recomputes each logits tile, forms its gradient
 
     d x = (g_lp * (onehot - p) - g_H * p * (log p + H)) / tau
 
-in fp32 (``logprob_entropy``'s backward per tile), and multiplies it straight into ``d h += d x @ W_tile`` and
-``d W_tile += d x.T @ h``, both accumulated in fp32. Each rank's ``d h`` covers only its vocabulary slice, so
-with a tensor-parallel group it is summed over the group (one all-reduce in backward: what a column-parallel
-output layer's input does) and every rank returns the full gradient of its replicated ``h``.
+in fp32 (``logprob_entropy``'s backward per tile) and turns it into ``d h = d x @ W`` and ``d W = d x.T @ h``,
+d W accumulated in fp32. Each rank's ``d h`` covers only its vocabulary slice, so with a tensor-parallel group
+it is summed over the group (one all-reduce in backward: what a column-parallel output layer's input does) and
+every rank returns the full gradient of its replicated ``h``. The Triton backward does the two products in one
+of two ways (``triton_backward``): "gemm" (default) writes a fixed-size chunk of d logits and hands it to two
+library matmuls; "atomic" multiplies every tile straight into fp32 accumulators with atomic adds. Which is
+faster on a GPU has not been measured yet (docs/benchmarks.md).
 
 Two implementations share the wrapper, the merge and the validation, chosen by ``logprob_entropy``'s
 ``_select_backend``: Triton kernels (CUDA, or the CPU interpreter with TRITON_INTERPRET=1), and a torch
 reference that walks the same tiles with torch matmuls (the CPU path and the fallback). Memory beyond inputs
-and outputs: the tile workspace (fixed), 12 bytes per token of saved statistics, and, when the weight is not
-fp32, an fp32 [V_local, H] accumulator for ``d W``; the Triton backward also accumulates ``d h`` in an fp32
-[T, H] buffer when ``h`` is not fp32 (4 H bytes per token; the torch reference needs only one tile's rows).
+and outputs: the tile workspace (fixed; for the "gemm" backward, CHUNK x V_local d logits in the inputs' dtype),
+12 bytes per token of saved statistics, and an fp32 [V_local, H] accumulator for ``d W`` when the weight is
+not fp32; the "atomic" backward also accumulates ``d h`` in an fp32 [T, H] buffer (4 H bytes per token) when
+``h`` is not fp32.
 """
 
 from __future__ import annotations
@@ -138,9 +142,10 @@ def _fwd_kernel(
 
 def _bwd_kernel(
     h_ptr, stride_h, w_ptr, stride_w, targets_ptr, stats_ptr, g_lp_ptr, g_ent_ptr,
-    dh_ptr, dw_ptr,  # fp32 accumulators [T, H] and [V_local, H], zeroed; added to atomically
+    dh_ptr, dw_ptr,  # ATOMIC: fp32 accumulators [T, H] and [V_local, H], zeroed; else dh_ptr: d logits [T, V_local]
     n_rows, n_cols, n_hidden, cols_per_split, vocab_start, inv_tau, ignore_index,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):  # fmt: skip
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
@@ -187,32 +192,40 @@ def _bwd_kernel(
         grad = tl.where(row_mask[:, None] & col_mask[None, :], grad * inv_tau, 0.0)
         # The tensor-core operand is in the inputs' dtype, as the unfused path's bf16 d logits would be.
         grad = grad.to(h_ptr.dtype.element_ty)
-        for k0 in range(0, n_hidden, BLOCK_K):
-            k = k0 + ks
-            k_mask = k < n_hidden
-            w = tl.load(
-                w_ptr + cols[:, None] * stride_w + k[None, :],
-                mask=col_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            h = tl.load(
-                h_ptr + rows[:, None] * stride_h + k[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            if IEEE:
-                g32 = grad.to(tl.float32)
-                dh = tl.dot(g32, w.to(tl.float32), input_precision="ieee")
-                dw = tl.dot(tl.trans(g32), h.to(tl.float32), input_precision="ieee")
-            else:
-                dh = tl.dot(grad, w)
-                dw = tl.dot(tl.trans(grad), h)
-            tl.atomic_add(
-                dh_ptr + rows[:, None] * n_hidden + k[None, :], dh, mask=row_mask[:, None] & k_mask[None, :]
-            )
-            tl.atomic_add(
-                dw_ptr + cols[:, None] * n_hidden + k[None, :], dw, mask=col_mask[:, None] & k_mask[None, :]
-            )
+        if not ATOMIC:  # "gemm": hand the tile of d logits to two library matmuls (see _backward_triton)
+            tile_mask = row_mask[:, None] & col_mask[None, :]
+            tl.store(dh_ptr + rows[:, None] * n_cols + cols[None, :], grad, mask=tile_mask)
+        else:  # "atomic": multiply the tile straight into the fp32 accumulators
+            for k0 in range(0, n_hidden, BLOCK_K):
+                k = k0 + ks
+                k_mask = k < n_hidden
+                w = tl.load(
+                    w_ptr + cols[:, None] * stride_w + k[None, :],
+                    mask=col_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                h = tl.load(
+                    h_ptr + rows[:, None] * stride_h + k[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                if IEEE:
+                    g32 = grad.to(tl.float32)
+                    dh = tl.dot(g32, w.to(tl.float32), input_precision="ieee")
+                    dw = tl.dot(tl.trans(g32), h.to(tl.float32), input_precision="ieee")
+                else:
+                    dh = tl.dot(grad, w)
+                    dw = tl.dot(tl.trans(grad), h)
+                tl.atomic_add(
+                    dh_ptr + rows[:, None] * n_hidden + k[None, :],
+                    dh,
+                    mask=row_mask[:, None] & k_mask[None, :],
+                )
+                tl.atomic_add(
+                    dw_ptr + cols[:, None] * n_hidden + k[None, :],
+                    dw,
+                    mask=col_mask[:, None] & k_mask[None, :],
+                )
 
 
 @functools.lru_cache(maxsize=2)
@@ -235,7 +248,7 @@ def _triton_grid(n_rows: int, n_cols: int, tiles: tuple[int, int, int], n_splits
 
 def _forward_triton(hidden, weight, targets, vocab_start, inv_tau, ignore_index, tuning):
     fwd, _ = _triton_kernels(_interpreting())
-    tiles, num_warps, n_splits = tuning
+    tiles, num_warps, n_splits = tuning[:3]
     (n_rows, n_hidden), n_cols = hidden.shape, weight.shape[0]
     if n_rows == 0:  # an empty grid is not a launch
         return torch.empty(0, 4, device=hidden.device, dtype=torch.float32)
@@ -251,21 +264,60 @@ def _forward_triton(hidden, weight, targets, vocab_start, inv_tau, ignore_index,
 
 
 def _backward_triton(hidden, weight, targets, stats, g_lp, g_ent, vocab_start, inv_tau, ignore_index, tuning):
+    """(d hidden, d weight) in one of two ways (`tuning`'s backward mode):
+
+    - "atomic": every (token block, vocabulary split) program recomputes its logits tiles, forms d logits and
+      adds d logits @ W and d logits.T @ h into fp32 [T, H] and [V_local, H] accumulators with atomics. Fully
+      fused, but a d weight row gets one atomic add per token block.
+    - "gemm" (default): CHUNK tokens at a time, the kernel only recomputes the logits and writes d logits
+      [CHUNK, V_local] in the inputs' dtype (a fixed workspace, 1 GiB by default), and two library matmuls
+      (cuBLAS on a GPU) make d hidden for the chunk and add the chunk's d weight in fp32.
+    """
     _, bwd = _triton_kernels(_interpreting())
-    tiles, num_warps, n_splits = tuning
+    tiles, num_warps, n_splits, mode, chunk = tuning
     (n_rows, n_hidden), n_cols = hidden.shape, weight.shape[0]
-    d_hidden = torch.zeros(n_rows, n_hidden, device=hidden.device, dtype=torch.float32)
+    ieee = hidden.dtype == torch.float32 or _interpreting()
+    launch = dict(BLOCK_T=tiles[0], BLOCK_V=tiles[1], BLOCK_K=tiles[2], IEEE=ieee, num_warps=num_warps)
     d_weight = torch.zeros(n_cols, n_hidden, device=hidden.device, dtype=torch.float32)
-    if n_rows == 0:
+    if mode == "atomic":
+        d_hidden = torch.zeros(n_rows, n_hidden, device=hidden.device, dtype=torch.float32)
+        if n_rows == 0:
+            return d_hidden, d_weight
+        grid, cols_per_split = _triton_grid(n_rows, n_cols, tiles, n_splits)
+        bwd[grid](
+            hidden, hidden.stride(0), weight, weight.stride(0), targets, stats, g_lp, g_ent, d_hidden, d_weight,
+            n_rows, n_cols, n_hidden, cols_per_split, vocab_start, inv_tau, ignore_index, ATOMIC=True, **launch,
+        )  # fmt: skip
         return d_hidden, d_weight
-    grid, cols_per_split = _triton_grid(n_rows, n_cols, tiles, n_splits)
-    bwd[grid](
-        hidden, hidden.stride(0), weight, weight.stride(0), targets, stats, g_lp, g_ent, d_hidden, d_weight,
-        n_rows, n_cols, n_hidden, cols_per_split, vocab_start, inv_tau, ignore_index,
-        BLOCK_T=tiles[0], BLOCK_V=tiles[1], BLOCK_K=tiles[2], IEEE=hidden.dtype == torch.float32 or _interpreting(),
-        num_warps=num_warps,
-    )  # fmt: skip
+    d_hidden = torch.empty_like(hidden)
+    block_t, block_v = tiles[0], tiles[1]
+    chunk = chunk or max(block_t, (1 << 30) // (n_cols * hidden.element_size()) // block_t * block_t)
+    for t0 in range(0, n_rows, chunk):
+        sl = slice(t0, t0 + chunk)
+        h = hidden[sl]
+        d_logits = torch.empty(h.shape[0], n_cols, device=hidden.device, dtype=hidden.dtype)
+        grid = (triton.cdiv(h.shape[0], block_t), triton.cdiv(n_cols, block_v))  # one tile per program
+        bwd[grid](
+            h, hidden.stride(0), weight, weight.stride(0), targets[sl], stats[sl], g_lp[sl], g_ent[sl],
+            d_logits, d_logits, h.shape[0], n_cols, n_hidden, block_v, vocab_start, inv_tau, ignore_index,
+            ATOMIC=False, **launch,
+        )  # fmt: skip
+        torch.mm(d_logits, weight, out=d_hidden[sl])
+        _add_matmul_fp32(d_weight, d_logits.T, h)
+        del d_logits
     return d_hidden, d_weight
+
+
+def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32: directly for fp32 inputs; for bf16/fp16 through torch's fp32-output matmul
+    where the build has one (CUDA), else the product in the inputs' dtype, then added in fp32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    try:
+        acc += torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):  # no fp32-output matmul for this dtype or device
+        acc += torch.mm(a, b)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,6 +485,8 @@ def linear_logprob_entropy(
     block_k: int | None = None,
     num_warps: int = DEFAULT_NUM_WARPS,
     n_splits: int | None = None,
+    triton_backward: str = "gemm",
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(target) and entropy of softmax(hidden @ weight.T / temperature) over the full vocabulary,
     without materialising the logits.
@@ -453,6 +507,8 @@ def linear_logprob_entropy(
             reference ignores block_k). Defaults: DEFAULT_TRITON_TILES, or REFERENCE_BLOCK_T/_V.
         num_warps, n_splits: Triton launch knobs; n_splits (vocabulary splits per token block) defaults to
             enough programs to fill the GPU.
+        triton_backward, chunk_tokens: the Triton backward, "gemm" (d logits of chunk_tokens tokens at a time,
+            then two library matmuls; default chunk: 1 GiB of d logits) or "atomic" (fully fused, atomic adds).
 
     Returns:
         (logprobs, entropy), each [T] fp32, differentiable with respect to ``hidden`` and ``weight``. In the
@@ -466,7 +522,9 @@ def linear_logprob_entropy(
         for name, value in zip(("block_t", "block_v", "block_k"), tiles, strict=True):
             if value < 16 or value & (value - 1):  # tl.dot needs powers of two of at least 16
                 raise ValueError(f"{name} must be a power of two >= 16 for the triton backend, got {value}")
-        tuning = (tiles, num_warps, n_splits)
+        if triton_backward not in ("gemm", "atomic"):
+            raise ValueError(f"triton_backward must be 'gemm' or 'atomic', got {triton_backward!r}")
+        tuning = (tiles, num_warps, n_splits, triton_backward, chunk_tokens)
     else:
         tuning = (block_t or REFERENCE_BLOCK_T, block_v or REFERENCE_BLOCK_V)
         if min(tuning) <= 0:

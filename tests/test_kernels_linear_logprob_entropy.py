@@ -116,6 +116,28 @@ def test_ignore_index_drops_the_logprob_gradient(interpret, backend):
     assert torch.equal(d_h, d_h_ent) and torch.equal(d_w, d_w_ent)  # g_lp of ignored tokens changes nothing
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_atomic_backward_matches_fp64(interpret, monkeypatch, dtype):
+    # The other Triton backward (every tile multiplied into fp32 accumulators with atomic adds).
+    monkeypatch.setitem(TILES, "triton", {**TILES["triton"], "triton_backward": "atomic"})
+    h, w, targets, g_lp, g_ent = make_case(logit_scale=30.0, dtype=dtype)
+    check(h, w, targets, 0.6, "triton", g_lp, g_ent)
+
+
+def test_gemm_backward_chunks(interpret):
+    # d logits in chunks of 16 tokens (two chunks, the second partial) = one chunk.
+    h, w, targets, g_lp, g_ent = make_case(dtype=torch.bfloat16)
+    outs = []
+    for chunk in (16, None):
+        x, y = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = linear_logprob_entropy(
+            x, y, targets, backend="triton", chunk_tokens=chunk, **TILES["triton"]
+        )
+        outs.append(torch.autograd.grad([lp, ent], [x, y], [g_lp, g_ent]))
+    for a, b in zip(*outs, strict=True):  # each chunk's bf16 d weight product is rounded on its own
+        torch.testing.assert_close(a, b, rtol=0, atol=2**-7 * float(b.abs().max()))
+
+
 def test_triton_splits_and_reference_agree(interpret):
     # Several vocabulary splits per token block (combined with logprob_entropy's merge) = one split.
     h, w, targets, g_lp, g_ent = make_case(n_rows=20, vocab=300, seed=1)
@@ -269,8 +291,8 @@ def test_compiled_kernels_on_cuda(monkeypatch, dtype):
 
 
 def test_kernels_compile_for_h100(monkeypatch):
-    # The interpreter accepts code the compiler rejects: compile both kernels for sm_90 (no GPU needed, Triton
-    # ships ptxas) in bf16 and check the dots became tensor-core instructions.
+    # The interpreter accepts code the compiler rejects: compile both kernels (the backward in both modes) for
+    # sm_90 (no GPU needed, Triton ships ptxas) in bf16 and check the dots became tensor-core instructions.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     triton = pytest.importorskip("triton")
     try:
@@ -281,11 +303,14 @@ def test_kernels_compile_for_h100(monkeypatch):
     if not isinstance(triton.language.standard._sum_combine, triton.runtime.JITFunction):
         pytest.skip("triton was imported with TRITON_INTERPRET=1: its library is interpreted in this process")
     block_t, block_v, block_k = op.DEFAULT_TRITON_TILES
-    for fn in (op._fwd_kernel, op._bwd_kernel):
+    for fn, atomic in ((op._fwd_kernel, None), (op._bwd_kernel, False), (op._bwd_kernel, True)):
         kernel = triton.jit(fn)
         types = {"h_ptr": "*bf16", "w_ptr": "*bf16", "targets_ptr": "*i64", "inv_tau": "fp32"}
         types |= {"stride_h": "i64", "stride_w": "i64", "vocab_start": "i64", "n_rows": "i64"}
         constexprs = {"BLOCK_T": block_t, "BLOCK_V": block_v, "BLOCK_K": block_k, "IEEE": False}
+        if fn is op._bwd_kernel:
+            constexprs["ATOMIC"] = atomic
+            types["dh_ptr"] = "*fp32" if atomic else "*bf16"  # "gemm": d logits in the inputs' dtype
         signature = {
             name: "constexpr"
             if name in constexprs
