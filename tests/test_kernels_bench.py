@@ -128,10 +128,10 @@ def test_gpu_check_dry_run(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path))
     assert gpu_check.main(["--dry-run"]) == 0
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [s["name"] for s in report["steps"]] == ["tests", "logits", "linear"]
-    tests, logits, linear = report["steps"]
+    assert [s["name"] for s in report["steps"]] == ["tests", "logits", "linear", "linear-atomic"]
+    tests, *benches = report["steps"]
     assert tests["rc"] == 0 and "skipped" in tests["output_tail"], tests["output_tail"]
-    for bench_step in (logits, linear):
+    for bench_step in benches:
         assert bench_step["rc"] == 2 and "needs a CUDA device" in bench_step["output_tail"]
     assert report["ok"] is False and report["targets"] == {}
     full = gpu_check.steps(gpu_check.FULL, tmp_path)

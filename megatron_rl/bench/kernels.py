@@ -12,7 +12,7 @@ forward only and forward+backward (gradients from both outputs):
   and backward of one chunk before the next, d logits written into one [T, V] tensor), so that their fp32
   temporaries are bounded and they fit at every T.
 - linear (inputs: hidden [T, H], output weight [V, H]): fused-linear = kernels.linear_logprob_entropy (Triton;
-  no [T, V] tensor); torch-linear = the same maths in torch, chunked the same way (matmul of CHUNK tokens,
+  no [T, V] tensor; its default "gemm" backward), fused-linear-atomic (its "atomic" backward); torch-linear = the same maths in torch, chunked the same way (matmul of CHUNK tokens,
   log_softmax, gather, entropy, backward into d hidden and d weight).
 
 Before anything is timed, every implementation is checked against an fp64 oracle on a small batch (values and
@@ -46,7 +46,7 @@ DEVICE = "cuda"  # a module constant so that a CPU smoke test can run this file'
 QWEN25_VOCAB = 152064
 QWEN25_7B_HIDDEN = 3584
 LOGITS_IMPLS = ("fused", "fused-inplace", "megatron", "torch")
-LINEAR_IMPLS = ("fused-linear", "torch-linear")
+LINEAR_IMPLS = ("fused-linear", "fused-linear-atomic", "torch-linear")
 IMPLEMENTATIONS = LOGITS_IMPLS + LINEAR_IMPLS
 SUITE_OF = {**dict.fromkeys(LOGITS_IMPLS, "logits"), **dict.fromkeys(LINEAR_IMPLS, "linear")}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -156,14 +156,15 @@ def _chunked_logits(math_fn: Callable, chunk: int) -> Callable:
     return run
 
 
-def _fused_linear(args: argparse.Namespace) -> Callable:
+def _fused_linear(args: argparse.Namespace, triton_backward: str = "gemm") -> Callable:
     from kernels.linear_logprob_entropy import linear_logprob_entropy
 
     def run(hidden, weight, targets, tau, g_lp, g_ent, backward):
         h, w = hidden.detach().requires_grad_(backward), weight.detach().requires_grad_(backward)
         lp, ent = linear_logprob_entropy(
-            h, w, targets, tau, backend="triton", check_targets=args.check_targets
-        )
+            h, w, targets, tau, backend="triton", check_targets=args.check_targets,
+            triton_backward=triton_backward,
+        )  # fmt: skip
         return (lp, ent, *(_grads((lp, ent), [h, w], g_lp, g_ent) if backward else (None, None)))
 
     return run
@@ -394,14 +395,16 @@ def check_targets(results: list[dict]) -> dict:
                     speedup,
                     speedup >= TARGETS["speedup_vs_megatron_min"],
                 )
-    lin, torch_lin = ok("fused-linear"), ok("torch-linear")
+    lin_variants = [x for x in (ok("fused-linear"), ok("fused-linear-atomic")) if x]
+    lin = min(lin_variants, key=lambda x: x["fwdbwd_ms"]) if lin_variants else None  # the faster backward
+    torch_lin = ok("torch-linear")
     if lin:
         frac = lin["fwdbwd_matmul_fraction"]
         checks["linear_fwdbwd_matmul_fraction"] = (frac, frac >= TARGETS["linear_matmul_fraction_min"])
         if torch_lin:
             speedup = torch_lin["fwdbwd_ms"] / lin["fwdbwd_ms"]
             checks["linear_fwdbwd_speedup_vs_torch"] = (speedup, speedup >= TARGETS["linear_speedup_min"])
-    fused_all = [x for x in (fused, inplace, lin) if x]
+    fused_all = [x for x in (fused, inplace, *lin_variants) if x]
     if fused_all:
         extra = max(x[f"{phase}_extra_bytes_per_token"] for x in fused_all for phase in ("fwd", "fwdbwd"))
         checks["max_extra_bytes_per_token"] = (extra, extra <= MAX_EXTRA_BYTES_PER_TOKEN)
@@ -470,6 +473,7 @@ def build_impls(args: argparse.Namespace) -> tuple[dict[str, Callable], Callable
         "torch": lambda: _chunked_logits(_torch_math, chunk),
         "megatron": lambda: _chunked_logits(_megatron_math, chunk),
         "fused-linear": lambda: _fused_linear(args),
+        "fused-linear-atomic": lambda: _fused_linear(args, triton_backward="atomic"),
         "torch-linear": lambda: _torch_linear(chunk),
     }
     impls, teardown = {}, None
@@ -529,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(bench_one(name, impl, n_tokens, args))
             torch.cuda.empty_cache()  # the next implementation starts from the same free memory
             print(f"done: {name} T={n_tokens}", file=sys.stderr)
+            with open(args.out, "w") as f:  # raw results so far: a run stopped at a time limit keeps them
+                json.dump({"meta": meta, "results": results, "partial": True}, f, indent=2)
     elem_bytes = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
     add_derived(results, args, elem_bytes, meta["copy_bytes_per_s"], meta["matmul_flops_per_s"])
     checks = check_targets(results)
