@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # releases pin prometheus-fastapi-instrumentator below what vLLM needs. Only nemo_run uses leptonai: no deps.
 LEPTONAI := leptonai==0.27.3
 
-.PHONY: install demo test lint format system-deps clean
+.PHONY: install demo test lint format system-deps clean gpu-check
 
 install: $(STAMP)
 
@@ -61,6 +61,12 @@ lint: install
 
 format: install
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+# The kernels' GPU checks on a lent one-GPU machine (torch + Triton + pytest, no network, no install step):
+# compiled-kernel tests and both kernel benchmarks at T 4096 and 32768, one JSON file ($OUT/gpu_check.json).
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_CHECK_PY) -m megatron_rl.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) .pytest_cache

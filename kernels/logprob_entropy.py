@@ -285,8 +285,9 @@ def _backward_reference(logits, targets, stats, g_lp, g_ent, grad, vocab_start, 
         grad[sl] = (g * inv_tau).to(grad.dtype)
 
 
-def _merge_partials(partials: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, ...]:
-    """Merge per-rank partials [R, T, 4] into the global (m, log_s, entropy, x_target), each [T]."""
+def _combine_partials(partials: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """Combine partials [R, T, 4] of R disjoint vocabulary slices (ranks, or tiles of one rank's slice) into
+    the partials [T, 4] (m, s, a, x_target) of their union."""
     m_r, s_r, a_r, x_target_r = partials.unbind(-1)
     m = m_r.amax(dim=0)
     m_ref = torch.where(m == -torch.inf, 0.0, m)
@@ -294,8 +295,20 @@ def _merge_partials(partials: torch.Tensor, inv_tau: float) -> tuple[torch.Tenso
     scale = shift.exp()
     s = (scale * s_r).sum(0)
     a = (scale * (a_r + torch.where(scale > 0, shift * s_r, 0.0))).sum(0)
+    # Only the slice that owns the target has a non-zero x_target.
+    return torch.stack([m, s, a, x_target_r.sum(0)], dim=-1)
+
+
+def _finish_partials(partials: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Whole-vocabulary partials [T, 4] -> (m, log_s, entropy, x_target), each [T]."""
+    m, s, a, x_target = partials.unbind(-1)
     log_s = s.log()
-    return m, log_s, log_s - a / s, x_target_r.sum(0)  # only the owning rank's x_target is non-zero
+    return m, log_s, log_s - a / s, x_target
+
+
+def _merge_partials(partials: torch.Tensor, inv_tau: float) -> tuple[torch.Tensor, ...]:
+    """Merge per-rank partials [R, T, 4] into the global (m, log_s, entropy, x_target), each [T]."""
+    return _finish_partials(_combine_partials(partials, inv_tau))
 
 
 def _all_gather_single(output: torch.Tensor, tensor: torch.Tensor, group) -> None:

@@ -353,7 +353,9 @@ def curate_cmd(
 # `megatron-rl bench NAME ARGS...` runs main(ARGS) of megatron_rl.bench.NAME; each parses its own arguments
 # (`megatron-rl bench NAME --help` lists them).
 BENCHMARKS: dict[str, str] = {
-    "kernels": "Fused log-prob/entropy kernel vs Megatron and torch baselines (needs a CUDA GPU).",
+    "kernels": "Fused log-prob/entropy kernels (logits, and fused output layer) vs chunked baselines (CUDA GPU).",
+    "kernel_memory": "Peak CPU memory per token of log-probs from hidden states, fused vs unfused output layer.",
+    "gpu_check": "`make gpu-check`: compiled-kernel tests + both kernel benchmarks on one GPU, one JSON file.",
     "rewards": "Sandboxed code execution vs plain python3, and math-verify throughput.",
     "sync": "Weight sync Megatron -> vLLM: ms and MB/s for the tiny and a ~150M-parameter model.",
     "packing": "Training-step tokens/s, packed vs padded-to-longest, tiny and ~150M models.",

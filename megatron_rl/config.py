@@ -34,6 +34,9 @@ class ModelCfg(Strict):
     pipeline_parallel_size: int = Field(1, ge=1)
     dtype: Literal["float32", "bfloat16"] = "float32"
     recompute: bool = False
+    # Log-probs straight from the final hidden states and the output weight (kernels.linear_logprob_entropy):
+    # no [tokens, vocab] logits tensor. "auto": on with a GPU, off on the CPU (tiny vocabularies there).
+    fused_output_layer: bool | Literal["auto"] = "auto"
     # Built-in shape for `megatron-rl plan` when model.path is unset or not on this machine (no weights read).
     architecture: Literal["qwen2-7b", "qwen2-14b"] | None = None
 

@@ -101,20 +101,26 @@ def reference_grads(policy, batch, cfg) -> dict[str, torch.Tensor]:
 
 def _update(rank: int, world: int, model_dir: str, layouts: list, budgets: list[int], out_dir: str) -> None:
     """One update per budget under each (tp, pp) of `layouts` in turn (data-parallel over the rest of the
-    world); rank 0 writes OUT_DIR/tp{tp}_pp{pp}_dp{dp}.pt. A one-rank run also writes the rollout log-probs
-    every other run uses, and the reference gradient."""
+    world; (tp, pp, True): with the output layer fused into kernels.linear_logprob_entropy); rank 0 writes
+    OUT_DIR/tp{tp}_pp{pp}_dp{dp}[_fused].pt. A one-rank run also writes the rollout log-probs every other run
+    uses, and the reference gradient."""
+    import megatron_rl.model.policy as policy_module
     from megatron_rl.algo.logprobs import response_logprobs
     from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
     from megatron_rl.model.policy import Policy
     from megatron_rl.train.optimizer import build_optimizer
     from megatron_rl.train.update import policy_update
 
+    kernel_calls = []  # the fused kernel, counted: a fused layout must go through it, the others must not
+    fused_kernel = policy_module.linear_logprob_entropy
+    policy_module.linear_logprob_entropy = lambda *a, **k: kernel_calls.append(1) or fused_kernel(*a, **k)
     shared = Path(out_dir) / "rollout_logprobs.pt"
-    for tp, pp in layouts:
+    for tp, pp, *fused in layouts:  # (tp, pp) or (tp, pp, True): the output layer fused into the kernel
+        fused = bool(fused and fused[0])
         init_distributed(ParallelLayout(tp=tp, pp=pp), rank=rank, world_size=world)
         results = {}
         for budget in budgets:
-            policy = Policy.from_hf(model_dir)
+            policy = Policy.from_hf(model_dir, fused_output_layer=fused)
             cfg = config(budget)
             batch = make_batch(policy.cfg.vocab_size)
             if world == 1:
@@ -133,10 +139,15 @@ def _update(rank: int, world: int, model_dir: str, layouts: list, budgets: list[
             held = policy.grad_buffer_bytes()
             policy.release_grads()
             assert held > 0 and policy.grad_buffer_bytes() == 0, held
+            kernel_calls.clear()
             metrics = policy_update(policy, build_optimizer(policy, cfg.optim), batch, cfg, step=1)
             results[budget] = {"metrics": metrics, "grads": gathered_grads(policy), "reference": reference}
+            calls = torch.tensor([len(kernel_calls)])
+            torch.distributed.all_reduce(calls)  # only last-stage ranks compute log-probs
+            results[budget]["kernel_calls"] = int(calls)
         if rank == 0:
-            torch.save(results, Path(out_dir) / f"tp{tp}_pp{pp}_dp{world // (tp * pp)}.pt")
+            name = f"tp{tp}_pp{pp}_dp{world // (tp * pp)}" + ("_fused" if fused else "")
+            torch.save(results, Path(out_dir) / f"{name}.pt")
     shutdown()
 
 
@@ -152,17 +163,21 @@ def assert_same(got: dict, want: dict, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def layouts(tiny_ckpt_gqa_tied, tmp_path_factory):
-    """Results per (tp, pp, dp): {budget: {"metrics", "grads", "reference"}}. One rank (two budgets), then four
-    ranks laid out as TP2 x PP2, TP2 x DP2, PP2 x DP2 and DP4 in turn."""
+    """Results per (tp, pp, dp[, "fused"]): {budget: {"metrics", "grads", "reference", "kernel_calls"}}. One rank
+    (two budgets, the output layer unfused and fused), then four ranks laid out as TP2 x PP2, TP2 x DP2,
+    PP2 x DP2, DP4, and TP2 x PP2 with the fused output layer, in turn."""
     work = tmp_path_factory.mktemp("layouts")
     # On the CPU with gloo, on a GPU machine too: one GPU cannot host four NCCL ranks.
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        run_distributed(_update, 1, tiny_ckpt_gqa_tied, [(1, 1)], [4096, 100], str(work))
-        run_distributed(_update, 4, tiny_ckpt_gqa_tied, [(2, 2), (2, 1), (1, 2), (1, 1)], [100], str(work))
+        run_distributed(_update, 1, tiny_ckpt_gqa_tied, [(1, 1), (1, 1, True)], [4096, 100], str(work))
+        four = [(2, 2), (2, 1), (1, 2), (1, 1), (2, 2, True)]
+        run_distributed(_update, 4, tiny_ckpt_gqa_tied, four, [100], str(work))
         results = {
-            tuple(int(part[2:]) for part in path.stem.split("_")): torch.load(path)
+            tuple(int(part[2:]) if part != "fused" else part for part in path.stem.split("_")): torch.load(
+                path
+            )
             for path in work.glob("tp*_pp*_dp*.pt")
         }
     finally:
@@ -185,9 +200,15 @@ def test_update_gradient_is_the_token_level_mean_whatever_the_packing(layouts):
     assert max(g.abs().max() for g in several["reference"].values()) > 1e-3  # gradients with teeth
 
 
-@pytest.mark.parametrize("layout", [(2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4)], ids=str)
+@pytest.mark.parametrize(
+    "layout", [(2, 2, 1), (2, 1, 2), (1, 2, 2), (1, 1, 4), (1, 1, 1, "fused"), (2, 2, 1, "fused")], ids=str
+)
 def test_update_gradient_and_metrics_equal_across_layouts(layouts, layout):
+    """Every layout, and model.fused_output_layer (log-probs from hidden states and the output weight, TP=1
+    and TP2 x PP2), gives the unfused TP=1 gradient and metrics within 1e-5."""
     base, got = layouts[(1, 1, 1)][100], layouts[layout][100]
+    fused = layout[-1] == "fused"
+    assert (got["kernel_calls"] > 0) == fused and base["kernel_calls"] == 0
     assert_same(got["grads"], base["grads"], f"(tp, pp, dp)={layout}")
     for key, tolerance in TOLERANCES.items():
         want, value = base["metrics"][key], got["metrics"][key]

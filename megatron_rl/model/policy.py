@@ -34,7 +34,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
-from kernels import logprob_entropy
+from kernels import linear_logprob_entropy, logprob_entropy
 from megatron_rl.algo.packing import PackedMicroBatch
 from megatron_rl.distributed import device, use_cuda
 from megatron_rl.model.build import build_gpt_model
@@ -44,6 +44,7 @@ from megatron_rl.model.convert import (
     export_hf_buckets,
     load_hf_into_megatron,
 )
+from megatron_rl.model.fused_output import hidden_states_out, output_weight
 from megatron_rl.model.hf_config import Qwen2Config, check_hf_tensors, expected_hf_shapes, load_hf_config
 
 # loss_fn(micro-batch, logprobs [T], entropy [T]) -> (loss, stats): the loss already divided by the whole
@@ -81,13 +82,27 @@ def logprobs_from_logits(
     return logprobs, torch.where(mb.loss_mask, entropy, torch.zeros_like(entropy))
 
 
+def logprobs_from_hidden(
+    hidden: torch.Tensor, weight: torch.Tensor, mb: PackedMicroBatch, temperature: float, tp_group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`logprobs_from_logits` from the last stage's final hidden states [1, T, H] and this rank's output-layer
+    weight shard [V / TP, H], through the fused kernel: the logits are never materialised."""
+    logprobs, entropy = linear_logprob_entropy(hidden[0], weight, mb.targets, temperature, tp_group=tp_group)
+    return logprobs, torch.where(mb.loss_mask, entropy, torch.zeros_like(entropy))
+
+
 def packed_forward_logprobs(
-    model: torch.nn.Module, mb: PackedMicroBatch, temperature: float, tp_group=None
+    model: torch.nn.Module, mb: PackedMicroBatch, temperature: float, tp_group=None, fused: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch through a whole (unsplit) model, differentiable: what tests and benchmarks compare the
-    scheduled path with. The trainer goes through `Policy.forward_backward`."""
+    scheduled path with (`fused`: through the fused output layer). The trainer goes through
+    `Policy.forward_backward`."""
     mb = mb.to(device())
-    return logprobs_from_logits(model(**forward_kwargs(mb)), mb, temperature, tp_group)
+    with hidden_states_out(model, fused):
+        output = model(**forward_kwargs(mb))
+    if fused:
+        return logprobs_from_hidden(output, output_weight(model), mb, temperature, tp_group)
+    return logprobs_from_logits(output, mb, temperature, tp_group)
 
 
 def _finalize_grads(model_chunks: list[torch.nn.Module], num_tokens=None, **kwargs) -> None:
@@ -101,6 +116,9 @@ class Policy:
     cfg: Qwen2Config
     model_dir: Path
     ddp: DistributedDataParallel = field(repr=False, default=None)  # type: ignore[assignment]
+    # Log-probs from the final hidden states and the output weight through the fused kernel (no [T, V] logits):
+    # model.fused_output_layer, "auto" = on with CUDA.
+    fused_output_layer: bool = False
 
     def __post_init__(self) -> None:
         if self.ddp is None:
@@ -113,12 +131,13 @@ class Policy:
         params_dtype: torch.dtype = torch.float32,
         transform: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         recompute: bool = False,
+        fused_output_layer: bool | str = "auto",
     ) -> Policy:
         """Build this rank's shard (parallel state must be initialised) and fill it from the checkpoint, reading
         only the rows or columns of each tensor that the shard holds.
 
         `transform(name, tensor)` may alter each HF tensor on the way in (tests and verify-sync perturb weights
-        with it); each tensor is then read whole.
+        with it); each tensor is then read whole. `fused_output_layer`: True, False or "auto" (on with CUDA).
         """
         model_dir = Path(model_dir)
         cfg = load_hf_config(model_dir)
@@ -130,7 +149,8 @@ class Policy:
         check_hf_tensors(ckpt.shapes(), cfg, str(model_dir))
         model = build_gpt_model(cfg, params_dtype=params_dtype, recompute=recompute)
         load_hf_into_megatron(model, cfg, ckpt, transform)
-        return cls(model=model, cfg=cfg, model_dir=model_dir)
+        fused = use_cuda() if fused_output_layer == "auto" else bool(fused_output_layer)
+        return cls(model=model, cfg=cfg, model_dir=model_dir, fused_output_layer=fused)
 
     # ---- layout
 
@@ -205,13 +225,19 @@ class Policy:
         forward_only: bool,
     ) -> list[dict]:
         tp_group = self.tp_group
+        fused = self.fused_output_layer
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator).to(device())
-            output = model(**forward_kwargs(mb))
+            with hidden_states_out(self.model, fused):  # fused: the last stage returns hidden states
+                output = model(**forward_kwargs(mb))
 
-            def loss(logits: torch.Tensor):
-                logprobs, entropy = logprobs_from_logits(logits, mb, temperature, tp_group)
+            def loss(output: torch.Tensor):
+                if fused:  # the gradient reaches the output weight through the kernel
+                    weight = output_weight(self.model)
+                    logprobs, entropy = logprobs_from_hidden(output, weight, mb, temperature, tp_group)
+                else:
+                    logprobs, entropy = logprobs_from_logits(output, mb, temperature, tp_group)
                 value, stats = loss_fn(mb, logprobs, entropy)
                 # (loss, token count, stats): with calculate_per_token_loss the schedule adds losses as they are.
                 return value, torch.tensor(mb.num_response_tokens, dtype=torch.int), stats

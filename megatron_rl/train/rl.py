@@ -240,7 +240,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     dataset, eval_problems, sft_task = load_data(cfg)
     base_dir = prepare_base_model(cfg, run_dir)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    policy = Policy.from_hf(base_dir, params_dtype=dtype, recompute=cfg.model.recompute)
+    policy = Policy.from_hf(
+        base_dir,
+        params_dtype=dtype,
+        recompute=cfg.model.recompute,
+        fused_output_layer=cfg.model.fused_output_layer,
+    )
 
     engine = pool = tokenizer = None
     spmd = engines_everywhere(cfg)  # rollouts are then collectives: every rank samples its engine's slice
@@ -281,7 +286,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
     elif sft_record.is_file():
         sft_accuracy = json.loads(sft_record.read_text())["sft_accuracy"]
         if resume_from is None:  # continue from the saved SFT weights
-            policy = Policy.from_hf(run_dir / "sft_model", params_dtype=dtype, recompute=cfg.model.recompute)
+            policy = Policy.from_hf(
+                run_dir / "sft_model",
+                params_dtype=dtype,
+                recompute=cfg.model.recompute,
+                fused_output_layer=cfg.model.fused_output_layer,
+            )
     else:
         sft_accuracy = held_out_accuracy()
 
