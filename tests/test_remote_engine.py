@@ -258,8 +258,8 @@ def test_server_exits_when_its_trainer_dies(tiny_ckpt, tmp_path):
             f"trainer: {trainer.stderr.read() if trainer.poll() is not None else ''}\n{server.log()}"
         )
         assert not (tmp_path / "rendezvous" / "engine.key").exists()  # the variable, not a file
+        # vLLM's engine core and worker processes (none on the CPU, where the core runs in the server's process)
         children = psutil.Process(server.proc.pid).children(recursive=True)
-        assert children  # vLLM's engine core and worker
         trainer.kill()
         trainer.wait(30)
         assert server.wait(90) == 1

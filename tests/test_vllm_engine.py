@@ -304,3 +304,33 @@ def test_bucket_corrupted_once_is_sent_again(engine, tiny_ckpt, monkeypatch, cap
     assert flips and f"tensor '{tensors[7][0]}' arrived corrupted" in caplog.text
     assert report.checksums == {name: tensor_checksum(t) for name, t in tensors}
     assert _sample(engine) == expected
+
+
+IN_PROCESS = """
+import json, random, sys
+import numpy as np, torch
+from megatron_rl.rollout.vllm_engine import VLLMEngine
+
+torch.manual_seed(7); np.random.seed(7); random.seed(7)
+state = (torch.get_rng_state(), np.random.get_state()[1].tolist(), random.getstate(), torch.set_num_threads)
+engine = VLLMEngine(sys.argv[1], seed=0, in_process=True)
+assert engine.in_process and not __import__("psutil").Process().children(), "engine core in this process"
+samples = engine.generate(["5+5=", "2+3="], n=2, temperature=1.0, max_tokens=8, seed=11)
+assert torch.equal(torch.get_rng_state(), state[0]) and np.random.get_state()[1].tolist() == state[1]
+assert random.getstate() == state[2] and torch.set_num_threads is state[3], "process state left as it was"
+out = [[s.token_ids, s.logprobs] for s in samples]
+engine.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_in_process_engine_samples_what_a_spawned_one_does(engine, tiny_ckpt):
+    """On the CPU the trainer's engine core may run in its own process (`in_process`): the same samples and
+    log-probs as the spawned engine core, and the process's RNG and thread settings untouched by its start and
+    its sampling."""
+    proc = subprocess.run([sys.executable, "-c", IN_PROCESS, tiny_ckpt], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    engine.update_weights([_hf_tensors(tiny_ckpt)])  # the checkpoint's weights, as the subprocess loaded
+    spawned = engine.generate(["5+5=", "2+3="], n=2, temperature=1.0, max_tokens=8, seed=11)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [[s.token_ids, s.logprobs] for s in spawned]

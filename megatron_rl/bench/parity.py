@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     init_distributed(ParallelLayout(tp=1, pp=1), rank=0, world_size=1)
     policy = Policy.from_hf(model_dir)
     policy.eval()
-    engine = VLLMEngine(model_dir, seed=args.seed)
+    engine = VLLMEngine(model_dir, seed=args.seed, in_process=True)
     task = ArithmeticTask(seed=args.seed, digits=3, eval_size=args.prompts)
     prompts = [engine.tokenizer.encode(p.prompt, add_special_tokens=False) for p in task.eval_set()]
     samples = engine.generate(

@@ -121,6 +121,7 @@ def samplers(model: Path, base: Config, max_tokens: int, tensor_parallel_size: i
         gpu_memory_utilization=base.rollout.gpu_memory_utilization,
         cpu_kv_cache_gib=base.rollout.cpu_kv_cache_gib,
         external_launcher=world > 1,
+        in_process=True,  # one process alone on the CPU: vLLM's engine core in it
     )
     pool = None
     try:

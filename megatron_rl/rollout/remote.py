@@ -154,7 +154,8 @@ def serve(rendezvous_dir: str | os.PathLike, host: str | None = None, index: int
                     if engine is not None:
                         raise RuntimeError("the engine was started already (one trainer per server)")
                     start = time.perf_counter()
-                    engine = VLLMEngine(*args, **kwargs)
+                    # A process of its own: on the CPU, vLLM's engine core may run in it (VLLMEngine decides).
+                    engine = VLLMEngine(*args, **{"in_process": True, **kwargs})
                     log.info("engine started in %.1f s: %s", time.perf_counter() - start, kwargs)
                     value = {"on_gpu": engine.on_gpu, "enable_sleep_mode": engine.enable_sleep_mode}
                 elif verb == "shutdown":

