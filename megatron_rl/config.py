@@ -46,6 +46,9 @@ class DataCfg(Strict):
     eval_path: str | None = None
     prompt_template: Literal["raw", "chat"] = "raw"
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    # AceReason's code stage 2: at each epoch's end, prompts whose every sample in it was correct leave the
+    # training set (data/epochs.py); data.source 'file' only (the synthetic tasks are endless, with no epochs)
+    drop_solved_each_epoch: bool = False
     synthetic_digits: int = Field(3, ge=1, le=6)
     synthetic_eval_size: int = 200
     seed: int = 0
@@ -264,6 +267,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.data.source == "synthetic_code" and cfg.data.reward != "code":
         raise ConfigError(
             f"{path}: config key 'data.reward' must be 'code' with data.source 'synthetic_code'"
+        )
+    if cfg.data.drop_solved_each_epoch and cfg.data.source != "file":
+        raise ConfigError(
+            f"{path}: config key 'data.drop_solved_each_epoch' needs data.source 'file' (the synthetic tasks "
+            "draw endless fresh problems: there are no epochs to remove solved prompts from)"
         )
     return cfg
 

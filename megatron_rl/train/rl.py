@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from megatron_rl.config import Config, ConfigError
 from megatron_rl.data.dataset import Problem, load_prompt_dataset
+from megatron_rl.data.epochs import SolvedPromptRemoval
 from megatron_rl.data.synthetic import synthetic_task
 from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
@@ -310,9 +311,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
         else None
     )
 
+    # data.drop_solved_each_epoch: which rows each epoch holds, evolved by the ranks that collect rollouts and
+    # saved with the loop state (after any batch sampled ahead, which the resumed run hands out first)
+    removal = None
+    if cfg.data.drop_solved_each_epoch:
+        removal = SolvedPromptRemoval(len(dataset), state.get("prompt_removal"))
+
     def collect(step: int, data_position: int, step_cfg: Config):
         seed = cfg.run.seed * 1_000_003 + step * 10_007
-        return collect_rollouts(engine, pool, dataset, tokenizer, step_cfg, data_position, seed)
+        return collect_rollouts(engine, pool, dataset, tokenizer, step_cfg, data_position, seed, removal)
 
     temperature = RolloutTemperature(cfg, policy, engine, dataset, tokenizer, state)  # rollout.temperature
     rollouts = RolloutQueue(collect, cfg.rollout.staleness, batch_from_state(state.get("pending_batch")))
@@ -344,6 +351,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             "data_position": batch.data_position,
             "pending_batch": rollouts.pending_state(),
             **temperature.state(),
+            **({"prompt_removal": removal.state()} if removal is not None else {}),
         }
         step_seconds = time.perf_counter() - t_step
         response_tokens = sum(len(r) for r in batch.responses)
