@@ -61,6 +61,9 @@ def test_state_round_trip_and_a_different_dataset_is_refused():
     assert again.rows == [0, 1]
     with pytest.raises(ValueError, match="dataset of 4 rows, this run's has 5"):
         SolvedPromptRemoval(5, removal.state())
+    # Turned on when a run is resumed: its first epoch starts where the run stands.
+    late = SolvedPromptRemoval(3, None, start=10)
+    assert [late.row(p) for p in (10, 11, 12)] == [0, 1, 2] and late.end == 13
 
 
 def test_only_file_data_has_epochs():

@@ -29,12 +29,14 @@ class SolvedPromptRemoval:
     boundary. Its `state()` goes into the checkpoint's loop state; `SolvedPromptRemoval(size, state)` resumes
     it, so a resumed run draws the same rows as one that never stopped."""
 
-    def __init__(self, size: int, state: dict | None = None) -> None:
+    def __init__(self, size: int, state: dict | None = None, start: int = 0) -> None:
+        """Without `state`, epoch 0 begins at data position `start` (a run that turns the option on when
+        resumed starts its first epoch where it stands)."""
         if size < 1:
             raise ValueError("a dataset of at least one row")
         self.size = size
         if state is None:
-            self.epoch, self.start = 0, 0
+            self.epoch, self.start = 0, start
             self.rows: list[int] = list(range(size))
             self.solved: set[int] = set()
             return

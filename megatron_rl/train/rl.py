@@ -315,7 +315,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     # saved with the loop state (after any batch sampled ahead, which the resumed run hands out first)
     removal = None
     if cfg.data.drop_solved_each_epoch:
-        removal = SolvedPromptRemoval(len(dataset), state.get("prompt_removal"))
+        removal = SolvedPromptRemoval(len(dataset), state.get("prompt_removal"), start=state["data_position"])
 
     def collect(step: int, data_position: int, step_cfg: Config):
         seed = cfg.run.seed * 1_000_003 + step * 10_007
