@@ -196,8 +196,11 @@ class RunCfg(Strict):
     keep_checkpoints: int = 2
     tensorboard: bool = True
     wandb_project: str | None = None
-    reward_workers: int = 2
+    reward_workers: int = Field(2, ge=0)  # reward processes per scoring node (0: one per core of the node)
     reward_timeout: float = 5.0
+    # driver: rank 0 scores every sample on its node; distributed: the lowest rank of each node scores a
+    # contiguous share of each batch on its node's CPUs, gathered to rank 0 (train/reward_scoring.py)
+    reward_scoring: Literal["driver", "distributed"] = "driver"
 
 
 class ClusterCfg(Strict):

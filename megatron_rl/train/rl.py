@@ -27,6 +27,7 @@ from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, sav
 from megatron_rl.train.evaluate import evaluate
 from megatron_rl.train.metrics import MetricsLogger
 from megatron_rl.train.optimizer import build_optimizer
+from megatron_rl.train.reward_scoring import start_scoring
 from megatron_rl.train.rollout_queue import RolloutQueue, batch_from_state
 from megatron_rl.train.rollouts import collect_rollouts, fitting_prompts
 from megatron_rl.train.sft import run_sft
@@ -261,10 +262,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 engine.num_engines,
                 cfg.rollout.tensor_parallel_size,
             )
-    if is_driver():
-        from megatron_rl.rewards import RewardPool
-
-        pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
+    # rank 0 scores with `pool`; with distributed scoring, one rank on each other node serves its shares
+    scoring = start_scoring(cfg.run.reward_scoring, cfg.run.reward_workers, cfg.run.reward_timeout)
+    pool = scoring if is_driver() else None
 
     def held_out_accuracy() -> float:
         sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
@@ -277,7 +277,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     resume_from = latest_checkpoint(ckpt_root) if resume else None
     if cfg.sft.enabled and not sft_record.is_file():
         sft_accuracy = _warm_start(
-            cfg, policy, sft_task, tokenizer, held_out_accuracy, run_dir, resume, close=(engine, pool)
+            cfg, policy, sft_task, tokenizer, held_out_accuracy, run_dir, resume, close=(engine, scoring)
         )
     elif sft_record.is_file():
         sft_accuracy = json.loads(sft_record.read_text())["sft_accuracy"]
@@ -376,7 +376,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if stop or (every and (step % every == 0 or step == cfg.run.steps)):
             save_checkpoint(ckpt_root, step, policy, optimizer, state, cfg.run.keep_checkpoints)
         if stop:
-            preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, pool))
+            preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, scoring))
     rollouts.close()
     if metrics_log:
         metrics_log.close()
@@ -391,7 +391,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     }
     if is_driver():
         (run_dir / "result.json").write_text(json.dumps(result))
-        pool.close()
+    if scoring is not None:
+        scoring.close()
     if engine is not None:
         engine.shutdown()
     shutdown()

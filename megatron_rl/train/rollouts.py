@@ -17,6 +17,7 @@ from megatron_rl.data.epochs import SolvedPromptRemoval
 from megatron_rl.data.prompts import render_prompt
 from megatron_rl.rewards.math_grader import unfinished_response
 from megatron_rl.rollout.fanout import slices
+from megatron_rl.train.reward_scoring import DistributedScorer
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,13 @@ def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, 
     return samples, rewards, t1 - t0, time.perf_counter() - t1
 
 
+def node_reward_times(seconds: list[float]) -> dict[str, float]:
+    """Distributed scoring's time per node (`time_reward_s_node{i}`, i: the node's scorer, 0 = rank 0's), and
+    the slowest and fastest: time_reward_s is at least the slowest, since rank 0 waits for every share."""
+    times = {f"time_reward_s_node{i}": s for i, s in enumerate(seconds)}
+    return {**times, "time_reward_s_node_max": max(seconds), "time_reward_s_node_min": min(seconds)}
+
+
 def collect_rollouts(
     engine,
     pool,
@@ -191,6 +199,8 @@ def collect_rollouts(
     that reaches an epoch's end takes the rest of its prompts from the next epoch in a further round.
     """
     g, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    if isinstance(pool, DistributedScorer):
+        pool.take_node_seconds()  # from here on: this batch's scoring only (not an evaluation's before it)
     kept_samples, kept_rewards, kept_answers_groups = [], [], 0
     seconds = {"rollout": 0.0, "reward": 0.0}
     generated = dropped = too_long = 0
@@ -240,6 +250,7 @@ def collect_rollouts(
         "time_rollout_s": seconds["rollout"],
         "time_reward_s": seconds["reward"],
         **(removal.stats() if removal is not None else {}),
+        **(node_reward_times(pool.take_node_seconds()) if isinstance(pool, DistributedScorer) else {}),
     }
     return RolloutBatch(
         prompts=[list(s.prompt_ids) for s in kept_samples],
