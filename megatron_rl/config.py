@@ -201,6 +201,18 @@ class RunCfg(Strict):
     # driver: rank 0 scores every sample on its node; distributed: the lowest rank of each node scores a
     # contiguous share of each batch on its node's CPUs, gathered to rank 0 (train/reward_scoring.py)
     reward_scoring: Literal["driver", "distributed"] = "driver"
+    # distributed: which ranks score, rank 0 first (null: the lowest rank of each node); naming two ranks of
+    # one machine spreads scoring over two pools there (how the tests check it on one machine)
+    reward_scoring_ranks: list[int] | None = None
+
+    @field_validator("reward_scoring_ranks")
+    @classmethod
+    def _rank_zero_first(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or value[0] != 0 or value != sorted(set(value))):
+            raise ValueError(
+                "must list distinct ranks in increasing order, starting with 0 (it gathers the rewards)"
+            )
+        return value
 
 
 class ClusterCfg(Strict):

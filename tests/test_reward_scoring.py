@@ -90,6 +90,18 @@ def _score_both_ways(rank: int, world: int, out) -> None:
         dist.barrier()  # rank 0 is done scoring: the counts are final
     counts: list = [None] * world
     dist.all_gather_object(counts, scorer.items_scored)
+    # A scorer that fails (here: its pool is gone) fails rank 0's call, naming the rank, and keeps serving.
+    if rank == 1:
+        scorer.pool.close()
+    dist.barrier()
+    if rank == 0:
+        try:
+            score(scorer, *math_batch(), math_cfg)
+        except RuntimeError as e:
+            result["error"] = str(e)
+    dist.barrier()
+    if rank == 1:
+        assert scorer._thread.is_alive()  # it answered with the error and waits for the next batch
     scorer.close()
     if rank == 0:
         result["counts"] = counts
@@ -105,6 +117,7 @@ def test_two_ranks_score_each_sample_once_and_agree_with_the_driver():
     result = out.get()
     # The unfinished sample is not sent: 20 math samples split 10/10, then 3 programs split 1/2.
     assert result["counts"] == [10 + 1, 10 + 2]
+    assert result["error"] == "reward scoring failed on rank 1: RuntimeError: the RewardPool is closed"
     assert result["math"] == result["driver_math"]
     assert result["code"] == result["driver_code"] == [1.0, 0.0, 1.0]
     assert result["math"].count(1.0) == 13 and result["math"][3] == 0.0

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megatron_rl.config import ConfigError
 from megatron_rl.rewards.pool import RewardPool
 from megatron_rl.rewards.sandbox import SandboxUnavailable
 from megatron_rl.rollout.fanout import slices
@@ -187,8 +188,11 @@ def start_scoring(
         hosts: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(hosts, socket.gethostname())
         ranks = scoring_ranks(hosts)
-    if ranks[0] != 0:
-        raise ValueError("rank 0 must be the first scoring rank: it gathers the rewards")
+    if ranks[0] != 0 or ranks[-1] >= dist.get_world_size():
+        raise ConfigError(
+            f"config key 'run.reward_scoring_ranks': {ranks} must start with rank 0 (it gathers the rewards) "
+            f"and name ranks below the world size {dist.get_world_size()}"
+        )
     rank = dist.get_rank()
     if len(ranks) == 1:
         log.info("reward scoring: distributed, but all ranks share one node: rank 0 scores alone")

@@ -263,7 +263,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 cfg.rollout.tensor_parallel_size,
             )
     # rank 0 scores with `pool`; with distributed scoring, one rank on each other node serves its shares
-    scoring = start_scoring(cfg.run.reward_scoring, cfg.run.reward_workers, cfg.run.reward_timeout)
+    scoring = start_scoring(
+        cfg.run.reward_scoring, cfg.run.reward_workers, cfg.run.reward_timeout, cfg.run.reward_scoring_ranks
+    )
     pool = scoring if is_driver() else None
 
     def held_out_accuracy() -> float:
