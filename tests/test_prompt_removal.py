@@ -7,20 +7,22 @@ test_train_run.py) whose answers are scored by the real reward pool."""
 from __future__ import annotations
 
 import io
+import logging
 import random
 
 import pytest
 import torch
 
 from megatron_rl.config import ConfigError, load_config
-from megatron_rl.data.dataset import Problem, PromptDataset
+from megatron_rl.data.dataset import DatasetError, Problem, PromptDataset
 from megatron_rl.data.epochs import AllPromptsSolved, SolvedPromptRemoval
 from megatron_rl.rewards import RewardPool
 from megatron_rl.rollout.base import RolloutSample
 from megatron_rl.train.rollouts import collect_rollouts, next_problems
 
 
-def test_rows_solved_by_every_sample_leave_at_the_epoch_end():
+def test_rows_solved_by_every_sample_leave_at_the_epoch_end(caplog):
+    caplog.set_level(logging.INFO, "megatron_rl.data.epochs")
     removal = SolvedPromptRemoval(5)
     assert [removal.row(p) for p in range(5)] == [0, 1, 2, 3, 4]
     removal.record(0, [1.0, 1.0])  # solved by all: leaves
@@ -34,6 +36,7 @@ def test_rows_solved_by_every_sample_leave_at_the_epoch_end():
     assert (removal.epoch, removal.start, removal.end) == (1, 5, 8)
     assert [removal.row(p) for p in range(5, 8)] == [1, 2, 4]
     assert removal.stats() == {"epoch": 1.0, "prompts_remaining": 3.0}
+    assert "epoch 0 ends: 2 prompts solved by every sample leave, 3 of 5 remain for epoch 1" in caplog.text
     for row in (1, 2, 4):
         removal.record(row, [1.0])
     with pytest.raises(AllPromptsSolved, match="every one of the 3 remaining training prompts"):
@@ -59,7 +62,7 @@ def test_state_round_trip_and_a_different_dataset_is_refused():
     )
     again.next_epoch()
     assert again.rows == [0, 1]
-    with pytest.raises(ValueError, match="dataset of 4 rows, this run's has 5"):
+    with pytest.raises(DatasetError, match="dataset of 4 rows, this run's has 5"):
         SolvedPromptRemoval(5, removal.state())
     # Turned on when a run is resumed: its first epoch starts where the run stands.
     late = SolvedPromptRemoval(3, None, start=10)

@@ -17,11 +17,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from megatron_rl.data.dataset import DatasetError
+
 log = logging.getLogger(__name__)
 
 
-class AllPromptsSolved(RuntimeError):
-    """Every remaining training prompt was solved by all its samples: removing them would leave none."""
+class AllPromptsSolved(DatasetError):
+    """Every remaining training prompt was solved by all its samples: removing them would leave none (a
+    DatasetError: `megatron-rl train` prints it as one line)."""
 
 
 class SolvedPromptRemoval:
@@ -41,7 +44,7 @@ class SolvedPromptRemoval:
             self.solved: set[int] = set()
             return
         if state.get("size") != size:
-            raise ValueError(
+            raise DatasetError(
                 f"the checkpoint's easy-prompt removal state is for a dataset of {state.get('size')} rows, this "
                 f"run's has {size}: resume with the same data.train_path"
             )
