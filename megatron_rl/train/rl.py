@@ -38,7 +38,8 @@ log = logging.getLogger("megatron_rl")
 
 
 def is_driver() -> bool:
-    """Rank 0 drives the rollout engine and the reward pool; the others only train."""
+    """Rank 0 drives the rollout engine and the reward scoring; the others train (with distributed scoring, one
+    rank per other node also scores shares of rank 0's batches, from a thread of its own)."""
     return dist.get_rank() == 0
 
 
