@@ -49,6 +49,9 @@ class DataCfg(Strict):
     eval_path: str | None = None
     prompt_template: Literal["raw", "chat"] = "raw"
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    # AceReason's code stage 2: at each epoch's end, prompts whose every sample in it was correct leave the
+    # training set (data/epochs.py); data.source 'file' only (the synthetic tasks are endless, with no epochs)
+    drop_solved_each_epoch: bool = False
     synthetic_digits: int = Field(3, ge=1, le=6)
     synthetic_eval_size: int = 200
     seed: int = 0
@@ -196,8 +199,23 @@ class RunCfg(Strict):
     keep_checkpoints: int = 2
     tensorboard: bool = True
     wandb_project: str | None = None
-    reward_workers: int = 2
+    reward_workers: int = Field(2, ge=0)  # reward processes per scoring node (0: one per core of the node)
     reward_timeout: float = 5.0
+    # driver: rank 0 scores every sample on its node; distributed: the lowest rank of each node scores a
+    # contiguous share of each batch on its node's CPUs, gathered to rank 0 (train/reward_scoring.py)
+    reward_scoring: Literal["driver", "distributed"] = "driver"
+    # distributed: which ranks score, rank 0 first (null: the lowest rank of each node); naming two ranks of
+    # one machine spreads scoring over two pools there (how the tests check it on one machine)
+    reward_scoring_ranks: list[int] | None = None
+
+    @field_validator("reward_scoring_ranks")
+    @classmethod
+    def _rank_zero_first(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or value[0] != 0 or value != sorted(set(value))):
+            raise ValueError(
+                "must list distinct ranks in increasing order, starting with 0 (it gathers the rewards)"
+            )
+        return value
 
 
 class ClusterCfg(Strict):
@@ -267,6 +285,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if cfg.data.source == "synthetic_code" and cfg.data.reward != "code":
         raise ConfigError(
             f"{path}: config key 'data.reward' must be 'code' with data.source 'synthetic_code'"
+        )
+    if cfg.data.drop_solved_each_epoch and cfg.data.source != "file":
+        raise ConfigError(
+            f"{path}: config key 'data.drop_solved_each_epoch' needs data.source 'file' (the synthetic tasks "
+            "draw endless fresh problems: there are no epochs to remove solved prompts from)"
         )
     return cfg
 

@@ -54,11 +54,21 @@ AUTO_TEMPERATURE = ["rollout.temperature=auto", "rollout.auto_temperature.every=
 TARGET_ENTROPY = 0.3
 
 
+# Both ranks score a share of every batch (distributed scoring, two scorers on this one machine)
+DISTRIBUTED_SCORING = ["run.reward_scoring=distributed", "run.reward_scoring_ranks=[0,1]"]
+
+
 def _pipeline_args(out: Path, name: str, steps: int) -> list[str]:
     """`_args` as a two-rank run with the policy in two pipeline stages (the engine on rank 0), with the rollout
-    temperature chosen for a target entropy."""
+    temperature chosen for a target entropy and the rewards scored by both ranks."""
     args = _args(out, name, steps)  # args[1:4]: "-m megatron_rl.cli train"
-    return [*torchrun(2), *args[1:], "model.pipeline_parallel_size=2", *AUTO_TEMPERATURE]
+    return [
+        *torchrun(2),
+        *args[1:],
+        "model.pipeline_parallel_size=2",
+        *AUTO_TEMPERATURE,
+        *DISTRIBUTED_SCORING,
+    ]
 
 
 def kill_run(pid: int) -> None:
@@ -132,6 +142,8 @@ def test_short_run_logs_every_metric(two_runs):
     assert sorted(records) == [1, 2, 3, 4]
     for r in records.values():
         assert REQUIRED_METRICS <= set(r), REQUIRED_METRICS - set(r)
+        # distributed scoring: both ranks scored a share of every batch
+        assert r["time_reward_s_node0"] > 0 and r["time_reward_s_node1"] > 0
     # The trainer's recompute through two pipeline stages == vLLM's sampling log-probs (fp32).
     assert records[1]["mismatch_max_abs_diff"] < 1e-5
     assert any(r["grad_norm"] > 0 for r in records.values())  # some groups had a learning signal

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from megatron_rl.config import Config, ConfigError
 from megatron_rl.data.dataset import Problem, load_prompt_dataset
+from megatron_rl.data.epochs import SolvedPromptRemoval
 from megatron_rl.data.synthetic import synthetic_task
 from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
@@ -26,6 +27,7 @@ from megatron_rl.train.checkpoint import latest_checkpoint, load_checkpoint, sav
 from megatron_rl.train.evaluate import evaluate
 from megatron_rl.train.metrics import MetricsLogger
 from megatron_rl.train.optimizer import build_optimizer
+from megatron_rl.train.reward_scoring import start_scoring
 from megatron_rl.train.rollout_queue import RolloutQueue, batch_from_state
 from megatron_rl.train.rollouts import collect_rollouts, fitting_prompts
 from megatron_rl.train.sft import run_sft
@@ -36,7 +38,8 @@ log = logging.getLogger("megatron_rl")
 
 
 def is_driver() -> bool:
-    """Rank 0 drives the rollout engine and the reward pool; the others only train."""
+    """Rank 0 drives the rollout engine and the reward scoring; the others train (with distributed scoring, one
+    rank per other node also scores shares of rank 0's batches, from a thread of its own)."""
     return dist.get_rank() == 0
 
 
@@ -268,10 +271,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 engine.num_engines,
                 cfg.rollout.tensor_parallel_size,
             )
-    if is_driver():
-        from megatron_rl.rewards import RewardPool
-
-        pool = RewardPool(workers=cfg.run.reward_workers, math_timeout=cfg.run.reward_timeout)
+    # rank 0 scores with `pool`; with distributed scoring, one rank on each other node serves its shares
+    scoring = start_scoring(
+        cfg.run.reward_scoring, cfg.run.reward_workers, cfg.run.reward_timeout, cfg.run.reward_scoring_ranks
+    )
+    pool = scoring if is_driver() else None
 
     def held_out_accuracy() -> float:
         sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
@@ -284,7 +288,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     resume_from = latest_checkpoint(ckpt_root) if resume else None
     if cfg.sft.enabled and not sft_record.is_file():
         sft_accuracy = _warm_start(
-            cfg, policy, sft_task, tokenizer, held_out_accuracy, run_dir, resume, close=(engine, pool)
+            cfg, policy, sft_task, tokenizer, held_out_accuracy, run_dir, resume, close=(engine, scoring)
         )
     elif sft_record.is_file():
         sft_accuracy = json.loads(sft_record.read_text())["sft_accuracy"]
@@ -323,9 +327,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
         else None
     )
 
+    # data.drop_solved_each_epoch: which rows each epoch holds, evolved by the ranks that collect rollouts and
+    # saved with the loop state (after any batch sampled ahead, which the resumed run hands out first)
+    removal = None
+    if cfg.data.drop_solved_each_epoch:
+        removal = SolvedPromptRemoval(len(dataset), state.get("prompt_removal"), start=state["data_position"])
+
     def collect(step: int, data_position: int, step_cfg: Config):
         seed = cfg.run.seed * 1_000_003 + step * 10_007
-        return collect_rollouts(engine, pool, dataset, tokenizer, step_cfg, data_position, seed)
+        return collect_rollouts(engine, pool, dataset, tokenizer, step_cfg, data_position, seed, removal)
 
     temperature = RolloutTemperature(cfg, policy, engine, dataset, tokenizer, state)  # rollout.temperature
     rollouts = RolloutQueue(collect, cfg.rollout.staleness, batch_from_state(state.get("pending_batch")))
@@ -357,6 +367,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             "data_position": batch.data_position,
             "pending_batch": rollouts.pending_state(),
             **temperature.state(),
+            **({"prompt_removal": removal.state()} if removal is not None else {}),
         }
         step_seconds = time.perf_counter() - t_step
         response_tokens = sum(len(r) for r in batch.responses)
@@ -381,7 +392,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         if stop or (every and (step % every == 0 or step == cfg.run.steps)):
             save_checkpoint(ckpt_root, step, policy, optimizer, state, cfg.run.keep_checkpoints)
         if stop:
-            preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, pool))
+            preemption.exit_preempted(step, ckpt_root, (metrics_log, engine, scoring))
     rollouts.close()
     if metrics_log:
         metrics_log.close()
@@ -396,7 +407,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
     }
     if is_driver():
         (run_dir / "result.json").write_text(json.dumps(result))
-        pool.close()
+    if scoring is not None:
+        scoring.close()
     if engine is not None:
         engine.shutdown()
     shutdown()

@@ -6,15 +6,18 @@ import logging
 import time
 from collections.abc import Sized
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_rl.algo.grpo import group_advantages, informative_groups, loss_mask
 from megatron_rl.config import ConfigError
+from megatron_rl.data.epochs import SolvedPromptRemoval
 from megatron_rl.data.prompts import render_prompt
 from megatron_rl.rewards.math_grader import unfinished_response
 from megatron_rl.rollout.fanout import slices
+from megatron_rl.train.reward_scoring import DistributedScorer
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +60,42 @@ def fitting_prompts(problems: list, tokenizer, cfg, what: str) -> list:
     return kept
 
 
-def next_problems(dataset, data_position: int, count: int, tokenizer, cfg) -> tuple[list, int, int]:
+class Drawn(NamedTuple):
+    problems: list  # the training problems drawn, in order
+    data_position: int  # the next unused data position
+    skipped: int  # prompts passed over for being longer than rollout.max_prompt_tokens
+    rows: list[int]  # each problem's dataset row under easy-prompt removal; else its data position
+
+
+def next_problems(
+    dataset, data_position: int, count: int, tokenizer, cfg, removal: SolvedPromptRemoval | None = None
+) -> Drawn:
     """`count` training problems from `data_position` on, skipping prompts longer than max_prompt_tokens.
 
-    Returns (problems, the next data position, how many were skipped)."""
-    problems, skipped = [], 0
+    With easy-prompt removal (data.drop_solved_each_epoch) positions map to rows through `removal`, and the
+    draw stops early at the end of an epoch: the next epoch's rows depend on the scores of this one's last
+    prompts, which the caller records before drawing again."""
+    problems, rows, skipped = [], [], 0
+    total = len(removal.rows) if removal is not None else len(dataset) if isinstance(dataset, Sized) else 0
     while len(problems) < count:
-        problem = dataset.train_problem(data_position)
+        if removal is not None and data_position == removal.end:
+            if problems:
+                break
+            removal.next_epoch()
+            total = len(removal.rows)
+        row = removal.row(data_position) if removal is not None else data_position
+        problem = dataset.train_problem(row)
         data_position += 1
         if prompt_fits(problem, tokenizer, cfg):
             problems.append(problem)
+            rows.append(row)
             continue
         skipped += 1
-        if isinstance(dataset, Sized) and skipped >= len(dataset):  # a whole epoch and none fits
+        if total and skipped >= total:  # a whole epoch and none fits
             raise ConfigError(
                 f"no training prompt fits rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}"
             )
-    return problems, data_position, skipped
+    return Drawn(problems, data_position, skipped, rows)
 
 
 def unfinished(sample) -> bool:
@@ -152,20 +174,42 @@ def sample_and_score(engine, pool, problems, tokenizer, cfg, seed: int, n: int, 
     return samples, rewards, t1 - t0, time.perf_counter() - t1
 
 
-def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, seed: int) -> RolloutBatch:
+def node_reward_times(seconds: list[float]) -> dict[str, float]:
+    """Distributed scoring's time per node (`time_reward_s_node{i}`, i: the node's scorer, 0 = rank 0's), and
+    the slowest and fastest: time_reward_s is at least the slowest, since rank 0 waits for every share."""
+    times = {f"time_reward_s_node{i}": s for i, s in enumerate(seconds)}
+    return {**times, "time_reward_s_node_max": max(seconds), "time_reward_s_node_min": min(seconds)}
+
+
+def collect_rollouts(
+    engine,
+    pool,
+    dataset,
+    tokenizer,
+    cfg,
+    data_position: int,
+    seed: int,
+    removal: SolvedPromptRemoval | None = None,
+) -> RolloutBatch:
     """One step's batch: `prompts_per_step` groups of `group_size` samples each.
 
     With dynamic sampling, groups whose rewards are all equal are dropped and refilled from further prompts
     (up to `max_refills` rounds), as DAPO/AceReason do, so every kept group carries a learning signal.
+    With easy-prompt removal (`removal`), every scored group is recorded against its dataset row, and a batch
+    that reaches an epoch's end takes the rest of its prompts from the next epoch in a further round.
     """
     g, want = cfg.rollout.group_size, cfg.rollout.prompts_per_step
+    if isinstance(pool, DistributedScorer):
+        pool.take_node_seconds()  # from here on: this batch's scoring only (not an evaluation's before it)
     kept_samples, kept_rewards, kept_answers_groups = [], [], 0
     seconds = {"rollout": 0.0, "reward": 0.0}
     generated = dropped = too_long = 0
     rounds = 0
     while kept_answers_groups < want:
         need = want - kept_answers_groups
-        problems, data_position, skipped = next_problems(dataset, data_position, need, tokenizer, cfg)
+        problems, data_position, skipped, rows = next_problems(
+            dataset, data_position, need, tokenizer, cfg, removal
+        )
         too_long += skipped
         samples, rewards, t_gen, t_reward = sample_and_score(
             engine, pool, problems, tokenizer, cfg, seed + rounds * 7919, g, cfg.rollout.temperature
@@ -173,10 +217,13 @@ def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, 
         seconds["rollout"] += t_gen
         seconds["reward"] += t_reward
         generated += len(samples)
-        groups = range(need)
+        if removal is not None:
+            for k, row in enumerate(rows):
+                removal.record(row, rewards[k * g : (k + 1) * g])
+        groups = range(len(problems))  # fewer than `need` where the epoch ended
         if cfg.grpo.dynamic_sampling and rounds < cfg.grpo.max_refills:
             groups = informative_groups(rewards, g)
-            dropped += need - len(groups)
+            dropped += len(problems) - len(groups)
         for k in groups:
             kept_samples.extend(samples[k * g : (k + 1) * g])
             kept_rewards.extend(rewards[k * g : (k + 1) * g])
@@ -184,7 +231,7 @@ def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, 
             if kept_answers_groups == want:
                 break
         rounds += 1
-        if not cfg.grpo.dynamic_sampling:
+        if not cfg.grpo.dynamic_sampling and removal is None:
             break
     rewards_t = torch.tensor(kept_rewards, dtype=torch.float64)
     advantages = group_advantages(rewards_t, g, cfg.grpo.normalize_std)
@@ -202,6 +249,8 @@ def collect_rollouts(engine, pool, dataset, tokenizer, cfg, data_position: int, 
         "prompts_too_long": float(too_long),
         "time_rollout_s": seconds["rollout"],
         "time_reward_s": seconds["reward"],
+        **(removal.stats() if removal is not None else {}),
+        **(node_reward_times(pool.take_node_seconds()) if isinstance(pool, DistributedScorer) else {}),
     }
     return RolloutBatch(
         prompts=[list(s.prompt_ids) for s in kept_samples],
