@@ -130,6 +130,7 @@ class VLLMEngine:
         self.in_process = in_process and _in_process_possible(
             self.on_gpu, tensor_parallel_size, external_launcher
         )
+        self._callers_world = self.in_process and torch.distributed.is_initialized()
         with _engine_core_in_this_process() if self.in_process else nullcontext():
             from vllm import LLM  # its first import draws from the `random` module
 
@@ -337,8 +338,26 @@ class VLLMEngine:
                 # Nothing is in flight and the weight buffers are released: there is nothing for a graceful
                 # exit to save. vLLM's engine process needs ~7 s to end by itself after SIGTERM (its default
                 # wait is 5 s, then it kills the process tree anyway), paid on every engine shutdown.
-                core.shutdown(timeout=SHUTDOWN_GRACE_S)
+                with _keep_default_group() if self._callers_world else nullcontext():
+                    core.shutdown(timeout=SHUTDOWN_GRACE_S)
             self.llm = None
+
+
+@contextmanager
+def _keep_default_group() -> Iterator[None]:
+    """vLLM's engine core ends by destroying torch.distributed's default group, which in this process is the
+    caller's world (an in-process engine reused it): its own groups go, the caller's world stays."""
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_all_but_the_default(group=None) -> None:
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_all_but_the_default
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 def refuse_partial_weights(push: WeightPush | None) -> None:
