@@ -45,6 +45,7 @@ import torch.distributed as dist
 from kernels.logprob_entropy import (
     SUPPORTED_DTYPES,
     _all_gather_single,
+    _check_temperature_and_targets,
     _combine_partials,
     _finish_partials,
     _interpreting,
@@ -457,17 +458,9 @@ def _validate(hidden, weight, targets, temperature, tp_group, ignore_index, chec
         raise ValueError(f"hidden, weight and targets must be on one device, got {devices}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row, got shape (0, H)")
-    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    vocab = weight.shape[0] * (dist.get_world_size(tp_group) if tp_group is not None else 1)
-    if check_targets and targets.numel():
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-        if bad.any():  # one host sync; pass check_targets=False to skip it in a hot loop
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                f"targets[{pos}] = {int(targets[pos])}"
-            )
+    _check_temperature_and_targets(
+        targets, weight.shape[0], temperature, tp_group, ignore_index, check_targets
+    )
 
 
 def linear_logprob_entropy(

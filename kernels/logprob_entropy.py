@@ -390,9 +390,19 @@ def _validate(logits, targets, temperature, tp_group, ignore_index, check_target
         raise ValueError(f"targets must be on the logits' device ({logits.device}), got {targets.device}")
     if logits.shape[1] == 0:
         raise ValueError("logits must have at least one vocabulary column, got shape (T, 0)")
+    _check_temperature_and_targets(
+        targets, logits.shape[1], temperature, tp_group, ignore_index, check_targets
+    )
+
+
+def _check_temperature_and_targets(
+    targets, vocab_local, temperature, tp_group, ignore_index, check_targets
+) -> None:
+    """The checks both kernels make: a positive finite temperature, every target in the whole vocabulary
+    (`vocab_local` x the TP size) or ignore_index."""
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    vocab = logits.shape[1] * (dist.get_world_size(tp_group) if tp_group is not None else 1)
+    vocab = vocab_local * (dist.get_world_size(tp_group) if tp_group is not None else 1)
     if check_targets and targets.numel():
         bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
         if bad.any():  # one host sync; pass check_targets=False to skip it in a hot loop
