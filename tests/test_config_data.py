@@ -189,8 +189,8 @@ def test_prompts_longer_than_max_prompt_tokens_are_skipped_and_counted(tiny_ckpt
     tokenizer = AutoTokenizer.from_pretrained(tiny_ckpt)
     cfg = load_config(None, ["data.prompt_template=raw", "rollout.max_prompt_tokens=4"])
     data = PromptDataset([Problem("1+1=", "2"), Problem("12+13=", "25"), Problem("2+2=", "4")], "mem")
-    problems, position, skipped = next_problems(data, 0, 2, tokenizer, cfg)
-    assert [p.prompt for p in problems] == ["1+1=", "2+2="] and (position, skipped) == (3, 1)
+    problems, position, skipped, rows = next_problems(data, 0, 2, tokenizer, cfg)
+    assert [p.prompt for p in problems] == ["1+1=", "2+2="] and (position, skipped, rows) == (3, 1, [0, 2])
     assert fitting_prompts(data.problems, tokenizer, cfg, "eval set") == [data.problems[0], data.problems[2]]
     tight = load_config(None, ["rollout.max_prompt_tokens=2"])
     with pytest.raises(ValueError, match="max_prompt_tokens=2"):
