@@ -301,6 +301,20 @@ def _live_processes(uids: list[int]) -> list[int]:
     return live
 
 
+def _not_persistent_sandboxes(pids: list[int]) -> list[tuple[int, int, str]]:
+    """(pid, parent, cmdline) of each pid that is neither a bwrap process nor a sandbox zygote (pid 1 of its
+    namespace, the driver in serve mode), or that has a zygote for its parent."""
+    cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in pids}
+    parents = {pid: int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) for pid in pids}
+    zygotes = {pid for pid, argv in cmdlines.items() if b"serve" in argv and parents[pid] in pids}
+    bwraps = {pid for pid, argv in cmdlines.items() if argv[0].endswith(b"bwrap")}
+    return [
+        (pid, parents[pid], b" ".join(cmdlines[pid])[:120].decode(errors="replace"))
+        for pid in pids
+        if pid not in zygotes | bwraps or parents[pid] in zygotes
+    ]
+
+
 @pytest.mark.skipif(not is_root(), reason="per-worker sandbox uids need root (CI runs as root)")
 def test_adversarial_programs_are_contained(monkeypatch) -> None:
     monkeypatch.setenv(
@@ -328,8 +342,9 @@ def test_adversarial_programs_are_contained(monkeypatch) -> None:
             good = parse_tests([{"input": "2 3", "output": "5", "testtype": "stdin"}])
             assert pool.run_programs(["print(sum(map(int, input().split())))"], [good])[0].reward == 1.0
 
-            # Nothing of the runs is left: no live process under the sandbox uids (init reaps the zombies).
-            assert _live_processes(pool.uids) == []
+            # Nothing of the runs is left: under the sandbox uids live only each worker's persistent sandbox,
+            # bwrap and its pid 1 (the zygote), and nothing else is in the zygote's namespace.
+            assert _not_persistent_sandboxes(_live_processes(pool.uids)) == []
             uids = pool.uids
         deadline = time.monotonic() + 10
         while any(processes_of_uid(u) for u in uids) and time.monotonic() < deadline:
@@ -363,3 +378,73 @@ def test_each_worker_runs_programs_as_its_own_unprivileged_uid() -> None:
         for lease in leases:
             lease.release()
         shutil.rmtree(root)
+
+
+# A program that leaves everything it can in a persistent sandbox: files in each writable place, a System V
+# shared memory segment, semaphore set and message queue, and a daemon in a session of its own.
+LEAVE_STATE = """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+for d in ("/tmp", "/sandbox", "/dev/shm"):
+    os.makedirs(d + "/left/deep", exist_ok=True)
+    open(d + "/left/deep/file", "w").write("x")
+    os.chmod(d + "/left", 0)
+os.chmod("/sandbox", 0)
+print(libc.shmget(0, 1 << 20, 0o1600) >= 0, libc.semget(0, 1, 0o1600) >= 0, libc.msgget(0, 0o1600) >= 0)
+if os.fork() == 0:
+    os.setsid()
+    time.sleep(600)
+"""
+
+LOOK_FOR_STATE = """
+import os
+found = [d for d in ("/tmp", "/sandbox", "/dev/shm") if os.path.exists(d + "/left")]
+ipc = [k for k in ("shm", "sem", "msg") if open("/proc/sysvipc/" + k).read().count("\\n") > 1]
+others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid(), os.getppid())]
+try:
+    open("/dev/new", "w")
+    dev = "writable"
+except OSError:
+    dev = "read-only"
+print(found, ipc, others, oct(os.stat("/sandbox").st_mode & 0o7777), dev)
+"""
+
+SHM_HOARD = """
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+for _ in range(64):  # 64 segments of 64 MiB, each touched then detached: resident in no process
+    shm = libc.shmget(0, 64 << 20, 0o1600)
+    addr = libc.shmat(shm, None, 0)
+    ctypes.memset(addr, 1, 64 << 20)
+    libc.shmdt(ctypes.c_void_p(addr))
+print("hoarded")
+"""
+
+
+@pytest.mark.skipif(not is_root(), reason="per-worker sandbox uids need root (CI runs as root)")
+def test_a_persistent_sandbox_starts_each_program_as_the_first() -> None:
+    root = tempfile.mkdtemp(prefix="megatron-rl-test-")
+    os.chmod(root, 0o711)
+    lease = UidLease.acquire()
+    box = Sandbox(root, uid=lease.uid)
+    spec = {"timeout": 5, "cpu_seconds": 5, "inputs": [""]}
+    try:
+        assert box.persistent
+        left = box.run("stdin", LEAVE_STATE, spec, 10)
+        assert left.records[0]["out"].split() == ["True", "True", "True"], left
+        zygote = box._zygote.proc.pid
+        seen = box.run("stdin", LOOK_FOR_STATE, spec, 10)
+        assert seen.records[0]["out"].strip() == "[] [] [] 0o700 read-only", seen
+        assert box._zygote.proc.pid == zygote  # the same sandbox ran both programs
+
+        # Shared memory that no process holds still counts against the sandbox's memory budget.
+        hoard = box.run("stdin", SHM_HOARD, spec, 10)
+        assert not any(r.get("out") == "hoarded\n" for r in hoard.records), hoard
+        assert "memory limit exceeded" in str(hoard.records) + hoard.ended, hoard
+        assert box.run("stdin", LOOK_FOR_STATE, spec, 10).records[0]["out"].startswith("[] [] []")
+    finally:
+        box.close()
+        lease.release()
+        shutil.rmtree(root)
+    assert processes_of_uid(lease.uid) == []

@@ -188,7 +188,8 @@ def test_adversarial_suite_as_a_busy_ordinary_user(user, package_copy, busy_proc
     results = report["results"]
     assert len(results) == len(programs) >= 25
     assert all(r[0] == 0.0 for r in results.values()), {n: r for n, r in results.items() if r[0]}
-    # ... and for the attack's sake, not because the harness broke (a crashed driver also scores 0).
+    # ... and for the attack's sake, not because the harness broke (a crashed driver also scores 0; a driver the
+    # program killed, possible in a persistent sandbox where the driver is not pid 1, is said as such).
     broken = {n: r for n, r in results.items() if r[1] == "sandbox_error" or "driver ended early" in r[2]}
     assert not broken, broken
     if force == UID_TASK_CAP:  # no kernel cap inside: the supervisor stopped them

@@ -281,6 +281,8 @@ def _result(run: RunResult, state: dict, n: int) -> CodeResult:
             why, detail = "timeout", "the whole run exceeded its wall-clock limit"
         elif run.error:
             why, detail = "sandbox_error", run.error
+        elif run.ended:
+            why, detail = "runtime_error", run.ended
         else:
             why, detail = (
                 "runtime_error",

@@ -25,6 +25,7 @@ import select
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -34,6 +35,9 @@ from pathlib import Path
 from megatron_rl.rewards.confinement import DEDICATED_UIDS, UID_TASK_CAP, ProcessCap, launch_nproc
 
 logger = logging.getLogger(__name__)
+
+RECYCLE_RUNS = 1000  # a persistent sandbox is replaced by a fresh one after this many programs
+END_GRACE = 2.0  # seconds past a run's wall-clock limit before its persistent sandbox counts as unresponsive
 
 DRIVER_SOURCE = Path(__file__).with_name("sandbox_driver.py")
 SANDBOX_PYTHON = "/usr/bin/python3"
@@ -70,6 +74,7 @@ class RunResult:
     stderr: str = ""
     seconds: float = 0.0
     error: str | None = None  # the harness's own trouble (bad channel data, oversize output)
+    ended: str = ""  # why a persistent sandbox ended the run early: a budget exceeded, the driver killed
 
 
 def find_bwrap() -> str | None:
@@ -149,7 +154,8 @@ def kill_uid_processes(uid: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _child_rlimits(limits: SandboxLimits, cpu_seconds: int, nproc: int) -> Callable[[], None]:
+def _child_rlimits(limits: SandboxLimits, cpu_seconds: int | None, nproc: int | None) -> Callable[[], None]:
+    """rlimits for bwrap and everything under it; None leaves the caller's limit as it is."""
     mb = 1 << 20
     table = [
         (resource.RLIMIT_AS, limits.memory_mb * mb),
@@ -158,7 +164,9 @@ def _child_rlimits(limits: SandboxLimits, cpu_seconds: int, nproc: int) -> Calla
         (resource.RLIMIT_FSIZE, limits.file_size_mb * mb),
         (resource.RLIMIT_NOFILE, limits.open_files),
         (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_MSGQUEUE, 0),  # no POSIX message queues: they would outlive a program's processes
     ]
+    table = [(which, value) for which, value in table if value is not None]
 
     def apply() -> None:  # runs in the forked child, after the switch to the sandbox uid, before exec
         for which, value in table:
@@ -207,10 +215,13 @@ class Sandbox:
         python: str = SANDBOX_PYTHON,
         process_cap: ProcessCap | None = None,
         concurrency: int = 1,
+        persistent: bool | None = None,
     ) -> None:
         """process_cap: how a non-root caller caps the program's processes (default: the launch cap and the
         driver's supervisor, which need nothing from the kernel); concurrency: how many sandboxes of this
-        caller may run at once (the launch cap leaves room for each)."""
+        caller may run at once (the launch cap leaves room for each); persistent: one sandbox for many
+        programs (default: wherever the process cap does not depend on the moment of launch, i.e. with a uid
+        of its own or the userns-nproc mechanism)."""
         self.limits = limits or SandboxLimits()
         self.bwrap = find_bwrap() if bwrap == "auto" else bwrap
         if self.bwrap is not None and not os.access(self.bwrap, os.X_OK):
@@ -244,6 +255,10 @@ class Sandbox:
         os.chmod(self.harness, 0o711)  # traversable (bwrap binds it as the sandbox uid), not listable
         self._compile_driver()
         self.runs = 0
+        if persistent is None:
+            persistent = self.uid is not None or self.process_cap.inner_nproc
+        self.persistent = bool(persistent and self.sandboxed)
+        self._zygote: _Zygote | None = None
 
     def _compile_driver(self) -> None:
         """Byte-compile the driver once with the sandbox's python: compiling its source on every run would
@@ -264,6 +279,7 @@ class Sandbox:
         return self.bwrap is not None
 
     def close(self) -> None:
+        self._stop_zygote()
         shutil.rmtree(self.dir, ignore_errors=True)
         if self._lease is not None:
             kill_uid_processes(self._lease.uid)
@@ -294,6 +310,11 @@ class Sandbox:
             "--symlink", "usr/bin", "/bin",
             "--proc", "/proc",
             "--dev", "/dev",
+            # bwrap's /dev is a tmpfs with no size limit, writable by the program: files there would hold memory
+            # that no process's RSS shows. A small /dev/shm of its own (POSIX semaphores need one), the rest
+            # read-only.
+            "--size", tmpfs, "--perms", "1777", "--tmpfs", "/dev/shm",
+            "--remount-ro", "/dev",
             "--size", tmpfs, "--perms", "1777", "--tmpfs", "/tmp",
             "--size", tmpfs, "--perms", "0700", "--tmpfs", "/sandbox",
             "--ro-bind", self.harness, "/harness",
@@ -335,28 +356,58 @@ class Sandbox:
 
         spec is what the driver may know before the solution starts; secret (the check code of the check
         style) is sent after the solution's process was forked. on_record returns False to stop the run (the
-        first failing test): the sandbox is then killed at once.
+        first failing test): the program's processes are then killed at once.
         """
         self.runs += 1
         self._prepare(program)
         # marshal: the driver decodes it without importing json (whose import alone costs ~5 ms per run)
-        # The driver's budgets for the whole sandbox: resident memory and tasks (its supervisor kills past them);
-        # with nproc it also lowers its own RLIMIT_NPROC, which this kernel then counts in the sandbox only.
-        inner = self.sandboxed and self.uid is None and self.process_cap.inner_nproc
-        spec = {
-            **spec,
-            "memory_kb": self.limits.memory_mb * 1024,
-            "max_tasks": self.limits.processes,
-            "nproc": self.limits.processes if inner else 0,
-        }
+        spec = {**spec, **self._budgets()}
         frames = [marshal.dumps(spec, 4), marshal.dumps(secret or {}, 4)]
         spec_bytes = b"".join(len(f).to_bytes(8, "little") + f for f in frames)
+        started = time.monotonic()
+        if self.persistent:
+            result = self._run_in_zygote(style, spec_bytes, wall_timeout, on_record)
+        else:
+            result = self._run_in_fresh_sandbox(style, spec_bytes, wall_timeout, on_record)
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _budgets(self) -> dict:
+        """The driver's budgets for the whole sandbox: resident memory and tasks (its supervisor kills past
+        them); with nproc it also lowers its own RLIMIT_NPROC, which this kernel then counts in the sandbox
+        only. A persistent sandbox holds one task more than the program's allowance: the zygote."""
+        tasks = self.limits.processes + (1 if self.persistent else 0)
+        inner = self.sandboxed and self.uid is None and self.process_cap.inner_nproc
+        return {"memory_kb": self.limits.memory_mb * 1024, "max_tasks": tasks, "nproc": tasks if inner else 0}
+
+    def _popen(self, argv: list[str], cwd: str, stdin, rlimits: Callable[[], None]) -> subprocess.Popen:
+        kwargs: dict = {}
+        if self.uid is not None:
+            kwargs.update(user=self.uid, group=self.uid, extra_groups=[])
+        return subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            close_fds=True,
+            start_new_session=True,
+            preexec_fn=rlimits,
+            **kwargs,
+        )
+
+    # -- a sandbox per program (unsafe mode, and the uid-task-cap mechanism) ------------------------------
+
+    def _run_in_fresh_sandbox(
+        self, style: str, spec_bytes: bytes, wall_timeout: float, on_record: Callable[[dict], bool] | None
+    ) -> RunResult:
+        """bwrap (or, unsafe, a bare python) started for this program alone; the spec goes to its stdin."""
         cpu_seconds = int(wall_timeout) + 1
         if self.uid is not None:
             nproc = self.limits.processes  # a uid of its own: the limit counts this sandbox only
         else:
-            nproc = launch_nproc(self.limits.processes, self.concurrency)
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+            nproc = launch_nproc(self.limits.processes, self.concurrency)  # the uid's tasks as they are now
         run_dir = None
         if self.sandboxed:
             argv, cwd = self._bwrap_argv(style), "/"
@@ -365,121 +416,42 @@ class Sandbox:
             driver = os.path.join(self.harness, "driver.pyc")
             argv = [self.python, "-I", "-B", driver, style, self.harness, run_dir]
             cwd = run_dir
-        kwargs: dict = {}
-        if self.uid is not None:
-            kwargs.update(user=self.uid, group=self.uid, extra_groups=[])
-        started = time.monotonic()
         result = RunResult()
+        outcome = "error"
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                close_fds=True,
-                start_new_session=True,
-                preexec_fn=_child_rlimits(self.limits, cpu_seconds, nproc),
-                **kwargs,
-            )
+            proc = self._popen(argv, cwd, subprocess.PIPE, _child_rlimits(self.limits, cpu_seconds, nproc))
         except OSError as e:
             result.error = f"could not start the sandbox: {e}"
             return result
         try:
-            self._communicate(proc, spec_bytes, started + wall_timeout, on_record, result)
+            channel = _Channel(proc.stdout.fileno(), proc.stderr.fileno(), self.limits.channel_mb << 20)
+            outcome = channel.exchange(
+                proc.stdin, spec_bytes, time.monotonic() + wall_timeout, on_record, result
+            )
+            result.timed_out = outcome == "deadline"
+            result.stopped_early = outcome == "stopped"
+            result.stderr = channel.stderr()
         finally:
+            if proc.poll() is None and outcome != "eof":
+                self._kill(proc)
             self._finish(proc, result)
-            result.seconds = time.monotonic() - started
             if run_dir is not None:
                 if self.uid is not None:
                     kill_uid_processes(self.uid)  # no pid namespace in unsafe mode: sweep by uid
                 shutil.rmtree(run_dir, ignore_errors=True)
         return result
 
-    def _communicate(
-        self,
-        proc: subprocess.Popen,
-        spec: bytes,
-        deadline: float,
-        on_record: Callable[[dict], bool] | None,
-        result: RunResult,
-    ) -> None:
-        sel = selectors.DefaultSelector()
-        out_fd, err_fd, in_fd = proc.stdout.fileno(), proc.stderr.fileno(), proc.stdin.fileno()
-        os.set_blocking(in_fd, False)
-        sel.register(out_fd, selectors.EVENT_READ)
-        sel.register(err_fd, selectors.EVENT_READ)
-        sel.register(in_fd, selectors.EVENT_WRITE)
-        pending = memoryview(spec)
-        buf = bytearray()
-        received = 0
-        cap = self.limits.channel_mb << 20
-        err_chunks: list[bytes] = []
-        err_len = 0
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    result.timed_out = True
-                    return
-                for key, _ in sel.select(left):
-                    fd = key.fd
-                    if fd == in_fd:
-                        try:
-                            n = os.write(in_fd, pending[: 1 << 16])
-                            pending = pending[n:]
-                        except BlockingIOError:
-                            continue
-                        except OSError:  # the driver died before reading its spec
-                            pending = pending[:0]
-                        if not pending:
-                            sel.unregister(in_fd)
-                            proc.stdin.close()
-                        continue
-                    data = os.read(fd, 1 << 20)
-                    if fd == err_fd:
-                        if not data:
-                            sel.unregister(err_fd)
-                        elif err_len < 65536:
-                            err_chunks.append(data)
-                            err_len += len(data)
-                        continue
-                    if not data:
-                        return  # the driver closed its channel: it exited (or was killed)
-                    received += len(data)
-                    if received > cap:
-                        result.error = "the program's results exceeded the output cap"
-                        return
-                    buf += data
-                    while (nl := buf.find(b"\n")) >= 0:
-                        line = bytes(buf[:nl])
-                        del buf[: nl + 1]
-                        try:
-                            record = json.loads(line)
-                            if not isinstance(record, dict):
-                                raise ValueError("not an object")
-                        except ValueError:
-                            result.error = "unreadable result from the driver"
-                            return
-                        result.records.append(record)
-                        if on_record is not None and not on_record(record):
-                            result.stopped_early = True
-                            return
-        finally:
-            sel.close()
-            result.stderr = b"".join(err_chunks)[:65536].decode("utf-8", errors="replace")
-
-    def _finish(self, proc: subprocess.Popen, result: RunResult) -> None:
-        """Make sure nothing of the run survives, then reap bwrap."""
-        if proc.poll() is None and (result.timed_out or result.stopped_early or result.error):
-            self._kill(proc)
+    def _finish(self, proc: subprocess.Popen, result: RunResult | None = None) -> None:
+        """Make sure nothing of the sandbox survives, then reap bwrap."""
         if not _wait_exit(proc, 2.0):
             self._kill(proc)
-        result.exit_status = proc.wait()
+        status = proc.wait()
+        if result is not None:
+            result.exit_status = status
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             try:
-                stream.close()
+                if stream is not None:
+                    stream.close()
             except OSError:
                 pass
 
@@ -497,6 +469,217 @@ class Sandbox:
             except OSError:
                 pass
             proc.kill()
+
+    # -- one sandbox for many programs (root's dedicated uids, the userns-nproc mechanism) -----------------
+
+    def _start_zygote(self) -> _Zygote:
+        """bwrap with the driver in serve mode as its pid 1, a control socket as its stdin. No RLIMIT_CPU here
+        (the zygote lives on; each program's driver gets its own), and, not root, no launch cap: the zygote
+        lowers RLIMIT_NPROC inside the sandbox's user namespace, where the kernel counts the sandbox alone."""
+        budgets = self._budgets()
+        argv = self._bwrap_argv("serve")
+        argv += [str(budgets["memory_kb"]), str(budgets["max_tasks"]), str(budgets["nproc"])]
+        nproc = budgets["max_tasks"] + 1 if self.uid is not None else None  # + bwrap's own process
+        host, inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = self._popen(argv, "/", inside.fileno(), _child_rlimits(self.limits, None, nproc))
+        except BaseException:
+            host.close()
+            raise
+        finally:
+            inside.close()
+        return _Zygote(proc, host, _Channel(proc.stdout.fileno(), proc.stderr.fileno(), 0))
+
+    def _stop_zygote(self) -> None:
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            zygote.control.close()  # the zygote exits when its socket closes; _finish kills it if it does not
+            self._finish(zygote.proc)
+
+    def _kill_zygote(self) -> None:
+        zygote, self._zygote = self._zygote, None
+        if zygote is not None:
+            zygote.control.close()
+            self._kill(zygote.proc)
+            self._finish(zygote.proc)
+
+    def _run_in_zygote(
+        self, style: str, spec_bytes: bytes, wall_timeout: float, on_record: Callable[[dict], bool] | None
+    ) -> RunResult:
+        result = RunResult()
+        if self._zygote is None:
+            try:
+                self._zygote = self._start_zygote()
+            except OSError as e:
+                result.error = f"could not start the sandbox: {e}"
+                return result
+        zygote = self._zygote
+        run_id = self.runs
+        request = {
+            "op": "run",
+            "id": run_id,
+            "style": style,
+            "wall": wall_timeout,
+            "cpu_seconds": int(wall_timeout) + 1,
+        }
+        spec_read, spec_write = os.pipe()
+        try:
+            socket.send_fds(zygote.control, [marshal.dumps(request, 4)], [spec_read])
+        except OSError as e:
+            os.close(spec_write)
+            result.error = f"the sandbox is gone: {e}"
+            self._stop_zygote()
+            return result
+        finally:
+            os.close(spec_read)
+        channel = zygote.channel
+        channel.cap = self.limits.channel_mb << 20
+        deadline = time.monotonic() + wall_timeout
+        spec_pipe = os.fdopen(spec_write, "wb", buffering=0)
+        # The zygote ends the run itself at wall_timeout; END_GRACE later it is taken for unresponsive.
+        outcome = channel.exchange(spec_pipe, spec_bytes, deadline + END_GRACE, on_record, result)
+        if outcome == "stopped":
+            result.stopped_early = True
+            try:  # the zygote kills the program's processes and answers with its end record
+                zygote.control.send(marshal.dumps({"op": "stop", "id": run_id}, 4))
+                outcome = channel.exchange(None, b"", time.monotonic() + END_GRACE, None, result, keep=False)
+            except OSError:
+                outcome = "eof"
+        end = channel.end if outcome == "end" else None
+        result.stderr = channel.stderr()
+        if end is None or end.get("id") != run_id:
+            # Unresponsive, dead or garbling: this sandbox is replaced, and its program's processes die with it.
+            result.timed_out = outcome == "deadline"
+            if outcome == "eof" and not result.error:
+                result.error = "the sandbox ended unexpectedly"
+            self._kill_zygote()
+            return result
+        result.exit_status = int(end.get("exit", 1))
+        if end.get("why") == "timeout":
+            result.timed_out = True
+        elif end.get("why") and not result.stopped_early:
+            result.ended = str(end["why"])
+        if not end.get("clean") or self.runs % RECYCLE_RUNS == 0:
+            self._stop_zygote()  # a fresh sandbox for the next program
+        return result
+
+
+class _Zygote:
+    """A running persistent sandbox: bwrap, its pid 1 (the driver in serve mode), the control socket."""
+
+    def __init__(self, proc: subprocess.Popen, control: socket.socket, channel: _Channel) -> None:
+        self.proc, self.control, self.channel = proc, control, channel
+
+
+class _Channel:
+    """The host's end of a sandbox's result channel (JSON lines on its stdout) and of its stderr."""
+
+    def __init__(self, out_fd: int, err_fd: int, cap: int) -> None:
+        self.out_fd, self.err_fd, self.cap = out_fd, err_fd, cap
+        self.err_open = True
+        self.end: dict | None = None  # a persistent sandbox's end-of-run record
+        self._buf = bytearray()
+        self._received = 0
+        self._err: list[bytes] = []
+        self._err_len = 0
+
+    def stderr(self) -> str:
+        text = b"".join(self._err)[:65536].decode("utf-8", errors="replace")
+        self._err, self._err_len = [], 0
+        return text
+
+    def exchange(
+        self,
+        spec_pipe,
+        spec: bytes,
+        deadline: float,
+        on_record: Callable[[dict], bool] | None,
+        result: RunResult,
+        keep: bool = True,
+    ) -> str:
+        """Write spec into spec_pipe (then close it) while reading records until the driver closes the channel
+        ("eof"), a persistent sandbox's end record arrives ("end"), on_record says stop ("stopped"), the
+        deadline passes ("deadline") or the data is bad ("error", result.error says why). With keep=False
+        (draining after a stop) records are dropped."""
+        if keep:
+            self.end, self._received = None, 0
+        sel = selectors.DefaultSelector()
+        sel.register(self.out_fd, selectors.EVENT_READ)
+        if self.err_open:
+            sel.register(self.err_fd, selectors.EVENT_READ)
+        pending = memoryview(spec)
+        in_fd = -1
+        if spec_pipe is not None:
+            in_fd = spec_pipe.fileno()
+            os.set_blocking(in_fd, False)
+            sel.register(in_fd, selectors.EVENT_WRITE)
+        try:
+            outcome = self._parse(on_record, result, keep)  # lines a previous exchange left unread
+            if outcome:
+                return outcome
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "deadline"
+                for key, _ in sel.select(left):
+                    fd = key.fd
+                    if fd == in_fd:
+                        try:
+                            pending = pending[os.write(in_fd, pending[: 1 << 16]) :]
+                        except BlockingIOError:
+                            continue
+                        except OSError:  # the driver died before reading its spec
+                            pending = pending[:0]
+                        if not pending:
+                            sel.unregister(in_fd)
+                            spec_pipe.close()
+                            in_fd = -1
+                        continue
+                    data = os.read(fd, 1 << 20)
+                    if fd == self.err_fd:
+                        if not data:
+                            sel.unregister(self.err_fd)
+                            self.err_open = False
+                        elif self._err_len < 65536:
+                            self._err.append(data)
+                            self._err_len += len(data)
+                        continue
+                    if not data:
+                        return "eof"  # the driver closed its channel: it exited (or was killed)
+                    self._received += len(data)
+                    if self.cap and self._received > self.cap:
+                        result.error = "the program's results exceeded the output cap"
+                        return "error"
+                    self._buf += data
+                    outcome = self._parse(on_record, result, keep)
+                    if outcome:
+                        return outcome
+        finally:
+            sel.close()
+            if in_fd >= 0:
+                spec_pipe.close()
+
+    def _parse(self, on_record: Callable[[dict], bool] | None, result: RunResult, keep: bool) -> str:
+        """Handle the complete lines in the buffer: "" when all were taken, else the exchange's outcome."""
+        while (nl := self._buf.find(b"\n")) >= 0:
+            line = bytes(self._buf[:nl])
+            del self._buf[: nl + 1]
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                result.error = "unreadable result from the driver"
+                return "error"
+            if record.get("end") is True:
+                self.end = record
+                return "end" if not self._buf else "error"
+            if not keep:
+                continue
+            result.records.append(record)
+            if on_record is not None and not on_record(record):
+                return "stopped"
+        return ""
 
 
 def probe_sandbox(sandbox: Sandbox) -> None:

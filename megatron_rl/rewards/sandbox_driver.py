@@ -49,9 +49,15 @@ SIGNAL_NAMES = {
 SIGNAL_NAMES.update({15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ", 31: "SIGSYS"})
 READ_CHUNK = 1 << 20
 WATCH_INTERVAL = 0.02  # seconds between checks of the sandbox's total memory and tasks
+# The zygote's own checks, a backstop for a driver the program stopped (SIGSTOP): less often, so that the
+# driver, which can say which test went over, normally sees it first.
+BACKSTOP_WATCH_INTERVAL = 0.05
 MEMORY_BUDGET_KB = [0]  # total resident memory allowed to the whole sandbox; 0: no watch (set from the spec)
 MAX_TASKS = [0]  # tasks (processes and threads) allowed to the whole sandbox, driver included; 0: no watch
 MAX_REPLY = 64 << 20  # a call result larger than this is a failure, not something to buffer
+# True when this process tree has a pid namespace of its own (the driver or the zygote is its pid 1): only then
+# may it kill every process it can see. Unsafe mode shares the host's namespace. Forked drivers inherit it.
+OWN_PID_NAMESPACE = [False]
 
 
 def _make_undumpable() -> None:
@@ -152,8 +158,25 @@ def _run_module(code, name: str) -> int:
         return 1
 
 
+def _shm_segments_kb() -> int:
+    """Resident KiB of the System V shared memory segments of the sandbox's IPC namespace: a segment keeps its
+    memory after every process detached it, where no process's RSS shows it."""
+    try:
+        with open("/proc/sysvipc/shm", "rb") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return 0
+    total = 0
+    for row in rows:
+        fields = row.split()
+        if len(fields) > 14:
+            total += int(fields[14])  # rss, bytes
+    return total // 1024
+
+
 def _sandbox_usage() -> tuple:
-    """(resident KiB, tasks) of every process in the sandbox (its own pid namespace: /proc lists only those)."""
+    """(resident KiB, tasks) of every process in the sandbox (its own pid namespace: /proc lists only those),
+    System V shared memory included."""
     pages = tasks = 0
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -164,14 +187,14 @@ def _sandbox_usage() -> tuple:
                 pages += int(fields[21])  # rss (field 24)
             except (OSError, ValueError, IndexError):
                 pass
-    return pages * (os.sysconf("SC_PAGE_SIZE") // 1024), tasks
+    return pages * (os.sysconf("SC_PAGE_SIZE") // 1024) + _shm_segments_kb(), tasks
 
 
 def _over_budget():
     """None, "memory" or "processes". RLIMIT_AS caps each process, but 30 processes of 1 GB each would still
     sink the host, and a non-root caller's RLIMIT_NPROC may count more than this sandbox: the driver, as pid 1,
     watches the totals, and kills every other process of the sandbox when one is exceeded."""
-    if not (MEMORY_BUDGET_KB[0] or MAX_TASKS[0]) or os.getpid() != 1:
+    if not (MEMORY_BUDGET_KB[0] or MAX_TASKS[0]) or not OWN_PID_NAMESPACE[0]:
         return None
     rss_kb, tasks = _sandbox_usage()
     if MAX_TASKS[0] and tasks > MAX_TASKS[0]:
@@ -240,21 +263,37 @@ def _tail(path: str, limit: int = 2000) -> str:
         return ""
 
 
-def _clear_namespace() -> None:
-    """As pid 1 of the sandbox: kill every other process (daemons a test left behind) and reap the zombies.
-    Repeats while processes remain: a fork bomb may fork between the listing and the kill."""
-    if os.getpid() != 1:
-        return  # unsafe mode shares the host's pid namespace: never signal what we did not fork
-    for _ in range(100):
-        alive = [int(e) for e in os.listdir("/proc") if e.isdigit() and e != "1"]
-        for pid in alive:
+def _clear_namespace() -> bool:
+    """In the sandbox's own pid namespace: kill every process but pid 1 and this one (daemons a test left
+    behind) and reap the zombies. Repeats while processes remain: a fork bomb may fork between the listing and
+    the kill. As pid 1 it also waits for the zombies, which all become its children; True when nothing but
+    pid 1 and this process is left."""
+    if not OWN_PID_NAMESPACE[0]:
+        return True  # unsafe mode shares the host's pid namespace: never signal what we did not fork
+    keep = {1, os.getpid()}
+    for _ in range(1000):
+        living = zombies = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in keep:
+                continue
             try:
-                os.kill(pid, SIGKILL)
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state == b"Z":
+                zombies += 1
+                continue
+            living += 1
+            try:
+                os.kill(int(entry), SIGKILL)
             except OSError:
                 pass
-        if not alive:
-            break
         _reap()
+        if not living and (not zombies or os.getpid() != 1):
+            return True
+        time.sleep(0.001)
+    return False
 
 
 def _reap() -> None:
@@ -569,20 +608,14 @@ def _run_prelude(source: str) -> dict:
     return namespace
 
 
-def main() -> None:
-    style, harness, iodir = sys.argv[1:4]
-    _signal.signal(2, _signal.SIG_DFL)  # SIGINT: as pid 1, a signal with no handler cannot reach us
-    chan = Channel()
+def run_program(style: str, harness: str, iodir: str, chan: Channel) -> None:
+    """One program's tests: the spec's two frames on fd 0, the results on chan, then {"done": true}."""
     program_path = os.path.join(harness, "program.py")
-    _make_undumpable()
     public = _read_frame()
     MEMORY_BUDGET_KB[0] = int(public.get("memory_kb", 0))
     MAX_TASKS[0] = int(public.get("max_tasks", 0))
     if public.get("nproc"):  # before anything is forked: every process of the sandbox inherits it
-        import resource
-
-        n = int(public["nproc"])
-        resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+        _lower_nproc(int(public["nproc"]))
     namespace = _run_prelude(public.get("prelude", "")) if style == "check" else None
     # Fork the call server before the secret frame (check code and its expected values) is read.
     server = CallServer(program_path, iodir) if style in ("functional", "check") else None
@@ -605,6 +638,183 @@ def main() -> None:
     if server is not None:
         server.kill()
     chan.send(done=True)
+
+
+def _lower_nproc(n: int) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NPROC, (n, n))
+
+
+# --------------------------------------------------------------------------------------------------
+# serve: the zygote. The sandbox stays up for many programs; this process (its pid 1) forks one driver per
+# program, supervises it, then leaves the sandbox as it found it: every other process killed, the scratch
+# dirs emptied, System V IPC objects removed. Control messages arrive on fd 0, a unix SOCK_SEQPACKET socket:
+# marshal'd dicts {"op": "run", "id", "style", "wall", "cpu_seconds"} carrying the read end of a pipe with the
+# program's two spec frames (so the zygote never reads the secret frame: drivers forked later cannot hold it),
+# and {"op": "stop", "id"} to end a run early. After each run it sends {"end": true, "id", "exit", "why",
+# "clean"} on the channel; "clean": false asks the host for a fresh sandbox.
+
+SCRATCH_DIRS = (
+    ("/tmp", 0o1777),
+    ("/sandbox", 0o700),
+    ("/dev/shm", 0o1777),
+)  # the writable mounts (sandbox.py)
+
+
+def _empty_dir(path: str) -> bool:
+    ok = True
+    with os.scandir(path) as it:
+        entries = list(it)
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                os.chmod(entry.path, 0o700)  # a program may have left it unreadable
+                ok = _empty_dir(entry.path) and ok
+                os.rmdir(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            ok = False
+    return ok
+
+
+def _remove_ipc_objects() -> bool:
+    """Remove the System V shared memory segments, semaphore sets and message queues a program left."""
+    ok = True
+    libc = None
+    for kind in ("shm", "sem", "msg"):
+        try:
+            with open(f"/proc/sysvipc/{kind}", "rb") as f:
+                ids = [int(row.split()[1]) for row in f.read().splitlines()[1:] if row.strip()]
+        except (OSError, ValueError, IndexError):
+            ok = False
+            continue
+        if not ids:
+            continue
+        if libc is None:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+        for ipc_id in ids:  # IPC_RMID = 0
+            if kind == "shm":
+                rc = libc.shmctl(ipc_id, 0, None)
+            elif kind == "sem":
+                rc = libc.semctl(ipc_id, 0, 0)
+            else:
+                rc = libc.msgctl(ipc_id, 0, None)
+            ok = ok and rc == 0
+    return ok
+
+
+def _wipe() -> bool:
+    """After a run, with every other process gone: the scratch dirs empty and as created, no IPC objects."""
+    ok = _remove_ipc_objects()
+    for path, mode in SCRATCH_DIRS:
+        try:
+            os.chmod(path, mode)
+            ok = _empty_dir(path) and ok
+        except BaseException:  # RecursionError on an absurdly deep tree, among others
+            ok = False
+    return ok
+
+
+def _supervise(pid: int, wall: float, control, run_id: int) -> str:
+    """Wait for the driver child under the wall-clock limit, watching the sandbox's memory and tasks (a
+    program can stop its driver with SIGSTOP, but not pid 1) and the control socket for a stop.
+    Returns "" when the child exited by itself, else why it was ended."""
+    deadline = time.monotonic() + wall
+    pidfd = os.pidfd_open(pid)
+    why = ""
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                why = "timeout"
+                break
+            ready = select.select([pidfd, control], [], [], min(left, BACKSTOP_WATCH_INTERVAL))[0]
+            if pidfd in ready:
+                break
+            if control in ready:
+                data = control.recv(1 << 16)
+                if not data:
+                    why = "host gone"
+                    break
+                message = marshal.loads(data)
+                if message.get("op") == "stop" and message.get("id") == run_id:
+                    why = "stopped"
+                    break
+                continue
+            over = _over_budget()
+            if over:
+                why = OVER_WHY[over]
+                break
+    finally:
+        os.close(pidfd)
+    if why:
+        try:
+            os.kill(pid, SIGKILL)
+        except OSError:
+            pass
+    return why
+
+
+def serve(harness: str, iodir: str, chan: Channel) -> None:
+    import resource
+    import socket
+
+    control = socket.socket(fileno=0)
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(control, 1 << 16, 1)
+        except OSError:
+            return
+        if not data:
+            return  # the host closed the socket: the sandbox ends with us
+        request = marshal.loads(data)
+        if request.get("op") != "run" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            continue  # a stop for a run that already ended
+        run_id = int(request["id"])
+        pid = os.fork()
+        if pid == 0:  # the driver of this program: spec frames on fd 0, where the control socket was
+            status = 1
+            try:
+                os.dup2(fds[0], 0)
+                os.close(fds[0])
+                cpu = int(request["cpu_seconds"])
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+                run_program(request["style"], harness, iodir, chan)
+                status = 0
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        os.close(fds[0])
+        why = _supervise(pid, float(request["wall"]), control, run_id)
+        status = _reap_killed(pid)
+        if not why and os.WIFSIGNALED(status):  # no solution code runs in the driver: a process killed it
+            sig = os.WTERMSIG(status)
+            why = f"the program killed its driver ({SIGNAL_NAMES.get(sig, f'signal {sig}')})"
+        clean = _clear_namespace() and _wipe()
+        chan.send(end=True, id=run_id, exit=os.waitstatus_to_exitcode(status), why=why, clean=clean)
+        if why == "host gone":
+            return
+
+
+def main() -> None:
+    style, harness, iodir = sys.argv[1:4]
+    _signal.signal(2, _signal.SIG_DFL)  # SIGINT: as pid 1, a signal with no handler cannot reach us
+    OWN_PID_NAMESPACE[0] = os.getpid() == 1
+    chan = Channel()
+    _make_undumpable()
+    if style == "serve":  # argv: serve HARNESS IODIR MEMORY_KB MAX_TASKS NPROC
+        MEMORY_BUDGET_KB[0], MAX_TASKS[0], nproc = (int(x) for x in sys.argv[4:7])
+        if nproc:
+            _lower_nproc(nproc)
+        serve(harness, iodir, chan)
+    else:
+        run_program(style, harness, iodir, chan)
 
 
 if __name__ == "__main__":
