@@ -2,9 +2,12 @@
 
 Code: the 164 HumanEval canonical solutions, sandboxed (bubblewrap) against the same programs run as plain
 `python3 script.py` with no sandbox, in the same run:
-- one program at a time, each problem run both ways back to back (alternating which goes first): the median
-  of the paired differences is the sandbox's overhead per program, in wall-clock time and in CPU time (of
-  every process involved: bwrap, the driver, the program; for the plain run, python3), robust to other load;
+- one program at a time, each problem run three ways back to back (plain, in the worker's persistent sandbox,
+  and in a sandbox started for the program alone, the order rotating): the median of the paired wall-clock
+  differences is the sandbox's overhead per program, robust to other load; CPU time is the mean per program
+  of every process involved (this one included: it starts the plain python3 and talks to the sandbox; bwrap,
+  the zygote, the driver, the program), summed over the whole pass because the kernel counts the CPU time
+  of processes that live on (the persistent sandbox) in 10 ms ticks;
 - throughput with `--workers` workers: a RewardPool against a thread pool of as many plain subprocesses,
   programs/s (wall clock) and CPU time per program (the pool's workers included).
 Math: a mixed set in GRPO-like groups of 8 samples per reference (fractions, radicals, intervals, sets,
@@ -41,14 +44,39 @@ def machine() -> str:
     return f"{usable_cores()} cores ({cpu_name()}), Linux {platform.release()}"
 
 
-def _cpu_of(pids: list[int]) -> float:
-    """CPU seconds of processes and of their waited-for descendants (utime+stime+cutime+cstime)."""
-    total = 0
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += sum(int(x) for x in fields[11:15])
-    return total / os.sysconf("SC_CLK_TCK")
+def _children_of(pid: int) -> list[int]:
+    children = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    return children
+
+
+def _tree_cpu(pids: list[int]) -> float:
+    """CPU seconds of processes, of their waited-for descendants (utime+stime+cutime+cstime) and of their
+    live descendants (a persistent sandbox lives as long as its worker)."""
+    ticks = 0
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(x) for x in fields[11:15])
+        todo += _children_of(pid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_now() -> float:
+    """CPU seconds of this process, its waited-for children and its live descendants."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + ru.ru_utime + ru.ru_stime + _tree_cpu(_children_of(os.getpid()))
 
 
 def _children_cpu() -> float:
@@ -87,49 +115,51 @@ def bench_code(workers: int, repeats: int, timeout: float = 10.0) -> dict:
     # One at a time, paired.
     root = tempfile.mkdtemp(prefix="megatron-rl-bench-box-")
     os.chmod(root, 0o711)
-    lease = UidLease.acquire() if is_root() else None
-    box = Sandbox(root, uid=lease.uid if lease else None)
-    wall = {"plain": [], "sandbox": []}
-    cpu = {"plain": [], "sandbox": []}
-    passed = {"plain": 0, "sandbox": 0}
+    leases = [UidLease.acquire(), UidLease.acquire()] if is_root() else [None, None]
+    boxes = {
+        "sandbox": Sandbox(root, uid=leases[0].uid if leases[0] else None, persistent=True),
+        "fresh": Sandbox(root, uid=leases[1].uid if leases[1] else None, persistent=False),
+    }
+    kinds = ("plain", "sandbox", "fresh")
+    wall: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu = dict.fromkeys(kinds, 0.0)
+    passed = dict.fromkeys(kinds, 0)
 
     def run_one(kind: str, i: int) -> None:
-        c, t = _children_cpu(), time.perf_counter()
+        c, t = _cpu_now(), time.perf_counter()
         if kind == "plain":
             ok = _run_plain(scripts[i], timeout)
         else:
-            ok = run_check_tests(box, programs[i], tests[i], timeout).reward == 1.0
+            ok = run_check_tests(boxes[kind], programs[i], tests[i], timeout).reward == 1.0
         wall[kind].append(time.perf_counter() - t)
-        cpu[kind].append(_children_cpu() - c)
+        cpu[kind] += _cpu_now() - c
         passed[kind] += ok
 
     try:
-        run_one("sandbox", 0)  # warm-up, not counted
-        for k in wall:
-            wall[k].clear()
-            cpu[k].clear()
-        passed["sandbox"] = 0
+        for kind in kinds:  # warm-up, not counted: the persistent sandbox starts here
+            run_one(kind, 0)
+        wall = {k: [] for k in kinds}
+        cpu = dict.fromkeys(kinds, 0.0)
+        passed = dict.fromkeys(kinds, 0)
         for i in range(n):
-            for kind in ("plain", "sandbox") if i % 2 == 0 else ("sandbox", "plain"):
+            for kind in kinds[i % 3 :] + kinds[: i % 3]:
                 run_one(kind, i)
     finally:
-        box.close()
-        if lease:
-            lease.release()
+        for box in boxes.values():
+            box.close()
+        for lease in leases:
+            if lease:
+                lease.release()
         shutil.rmtree(root, ignore_errors=True)
-    wall_diff = [s - p for s, p in zip(wall["sandbox"], wall["plain"], strict=True)]
-    cpu_diff = [s - p for s, p in zip(cpu["sandbox"], cpu["plain"], strict=True)]
-    latency = {
-        "passed_plain": passed["plain"],
-        "passed_sandbox": passed["sandbox"],
-        "plain_median_ms": _median_ms(wall["plain"]),
-        "sandbox_median_ms": _median_ms(wall["sandbox"]),
-        "overhead_median_ms": _median_ms(wall_diff),
-        "overhead_p90_ms": 1000 * statistics.quantiles(wall_diff, n=10)[-1],
-        "plain_cpu_median_ms": _median_ms(cpu["plain"]),
-        "sandbox_cpu_median_ms": _median_ms(cpu["sandbox"]),
-        "cpu_overhead_median_ms": _median_ms(cpu_diff),
-    }
+    latency = {"passed_" + k: passed[k] for k in kinds}
+    for k in kinds:
+        latency[k + "_median_ms"] = _median_ms(wall[k])
+        latency[k + "_cpu_mean_ms"] = 1000 * cpu[k] / n
+    for k in ("sandbox", "fresh"):
+        diff = [s - p for s, p in zip(wall[k], wall["plain"], strict=True)]
+        latency[k + "_overhead_median_ms"] = _median_ms(diff)
+        latency[k + "_overhead_p90_ms"] = 1000 * statistics.quantiles(diff, n=10)[-1]
+        latency[k + "_cpu_overhead_mean_ms"] = 1000 * (cpu[k] - cpu["plain"]) / n
 
     # Throughput with a pool, interleaved with plain batches.
     def plain_batch() -> int:
@@ -146,10 +176,10 @@ def bench_code(workers: int, repeats: int, timeout: float = 10.0) -> dict:
                 ok_plain = plain_batch()
                 plain_s.append(time.perf_counter() - t)
                 plain_cpu.append(_children_cpu() - c)
-                c, t = _cpu_of(worker_pids), time.perf_counter()
+                c, t = _tree_cpu(worker_pids), time.perf_counter()
                 ok_box = sum(r.reward for r in pool.run_programs(programs, tests, timeout))
                 box_s.append(time.perf_counter() - t)
-                box_cpu.append(_cpu_of(worker_pids) - c)
+                box_cpu.append(_tree_cpu(worker_pids) - c)
             restarts = pool.restarts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -218,9 +248,9 @@ def bench_math(groups: int, workers: int) -> dict:
     with RewardPool(workers) as pool:
         pool.score_math([r for r, _ in warm], [a for _, a in warm])
         pids = [w.proc.pid for w in pool._workers]
-        cpu, t = _cpu_of(pids), time.perf_counter()
+        cpu, t = _tree_cpu(pids), time.perf_counter()
         pooled = pool.score_math([r for r, _ in samples], [a for _, a in samples])
-        pool_wall, pool_cpu = time.perf_counter() - t, _cpu_of(pids) - cpu
+        pool_wall, pool_cpu = time.perf_counter() - t, _tree_cpu(pids) - cpu
     n = len(samples)
     return {
         "samples": n,
@@ -251,16 +281,16 @@ def main(argv: list[str] | None = None) -> int:
         lat, tp = code["latency"], code["throughput"]
         print(f"code, HumanEval canonical solutions ({tp['programs']} programs):")
         print(
-            f"  one at a time ({lat['passed_plain']}/{lat['passed_sandbox']} pass plain/sandboxed):"
-            f" wall median plain {lat['plain_median_ms']:.1f} ms,"
-            f" sandboxed {lat['sandbox_median_ms']:.1f} ms;"
-            f" CPU median plain {lat['plain_cpu_median_ms']:.1f} ms,"
-            f" sandboxed {lat['sandbox_cpu_median_ms']:.1f} ms"
+            f"  one at a time ({lat['passed_plain']}/{lat['passed_sandbox']}/{lat['passed_fresh']} pass plain/"
+            f"persistent sandbox/sandbox per program): wall median {lat['plain_median_ms']:.1f} /"
+            f" {lat['sandbox_median_ms']:.1f} / {lat['fresh_median_ms']:.1f} ms; CPU mean"
+            f" {lat['plain_cpu_mean_ms']:.1f} / {lat['sandbox_cpu_mean_ms']:.1f} / {lat['fresh_cpu_mean_ms']:.1f} ms"
         )
-        print(
-            f"  sandbox overhead per program: {lat['overhead_median_ms']:.1f} ms wall (median of pairs; p90"
-            f" {lat['overhead_p90_ms']:.1f} ms), {lat['cpu_overhead_median_ms']:.1f} ms CPU"
-        )
+        for k, name in (("sandbox", "persistent sandbox"), ("fresh", "sandbox per program")):
+            print(
+                f"  {name} overhead per program: {lat[k + '_overhead_median_ms']:.1f} ms wall (median of pairs;"
+                f" p90 {lat[k + '_overhead_p90_ms']:.1f} ms), {lat[k + '_cpu_overhead_mean_ms']:.1f} ms CPU (mean)"
+            )
         for name, key in [("plain python3 ", "plain"), ("sandbox + pool", "sandbox")]:
             print(
                 f"  {tp['workers']} workers, {name}: {tp[key + '_programs_per_s']:6.1f} programs/s, "

@@ -5,14 +5,16 @@ the limit counts only that worker's sandbox. An ordinary user has one uid for th
 and every sandbox, so a fixed limit of 32 would stop bwrap from starting at all. Mechanisms, best first:
 
 - ``dedicated-uids`` (root): RLIMIT_NPROC = the allowance, on a uid leased for the worker.
-- ``userns-nproc`` (not root, Linux >= 5.14, where RLIMIT_NPROC is counted per user namespace): bwrap starts
-  under a launch cap (the uid's tasks now + the allowance of every worker), and the driver, inside the
-  sandbox's own user namespace, lowers its RLIMIT_NPROC to the allowance. The kernel then refuses a fork once
-  the sandbox itself holds the allowance, whatever the trainer holds, and the uid's total stays under the
-  launch cap.
-- ``uid-task-cap`` (not root, older kernels): the launch cap alone bounds the uid's total, and the driver, as
-  pid 1 of the sandbox's pid namespace, counts the namespace's tasks every 20 ms and kills them all once they
-  exceed the allowance.
+- ``userns-nproc`` (not root, Linux >= 5.14, where RLIMIT_NPROC is counted per user namespace): the sandbox is
+  persistent; its pid 1, inside the sandbox's own user namespace, lowers its RLIMIT_NPROC to the allowance
+  (plus itself) before anything forks. The kernel then refuses a fork once the sandbox itself holds the
+  allowance, whatever the trainer holds. bwrap starts under the caller's own limit: the kernel also checks the
+  uid's tasks on the node against the limit the namespace was created with, and a cap computed at launch
+  would go stale as the trainer starts threads.
+- ``uid-task-cap`` (not root, older kernels): a sandbox per program, started under a launch cap (the uid's
+  tasks now + the allowance of every worker), which alone bounds the uid's total; the driver, as pid 1 of
+  the sandbox's pid namespace, counts the namespace's tasks every 20 ms and kills them all once they exceed
+  the allowance.
 
 In every mechanism the driver also runs that task-count supervisor. The node must let an unprivileged user
 create user namespaces (bwrap needs them), and the user's hard RLIMIT_NPROC must leave room for the launch cap;

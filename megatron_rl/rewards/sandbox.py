@@ -1,14 +1,21 @@
-"""Run an untrusted Python program under bubblewrap, rlimits, a dedicated uid and a wall-clock kill.
+"""Run untrusted Python programs under bubblewrap, rlimits, a dedicated uid and a wall-clock kill.
 
 Layers, outermost first:
 - as root, a uid of its own per pool worker (leased with a lock file, so two pools never share one): rlimits
   such as RLIMIT_NPROC count per uid, root is exempt from them, and a leftover process can be found and killed
   by uid. Not root, programs run as the caller's uid and the process cap comes from `confinement.py`;
-- rlimits set between fork and exec: address space, CPU seconds, processes, file size, open files, no core;
-- bubblewrap namespaces: no network, a new pid namespace with the test driver as pid 1 (everything dies with
-  it), only /usr visible (read-only), a private size-limited tmpfs for /tmp and for the work dir /sandbox, the
-  harness files read-only under /harness, empty environment, no capabilities, no nested user namespaces;
-- a wall-clock deadline after which the sandbox's pid 1 and bwrap are SIGKILLed.
+- rlimits set between fork and exec: address space, processes, file size, open files, no core, no POSIX
+  message queues; CPU seconds per program;
+- bubblewrap namespaces: no network, a new pid namespace whose pid 1 is ours (everything dies with it), only
+  /usr visible (read-only), a read-only /dev, private size-limited tmpfs for /dev/shm, /tmp and the work dir
+  /sandbox, the harness files read-only under /harness, empty environment, no capabilities, no nested user
+  namespaces;
+- a wall-clock deadline after which the program's processes are SIGKILLed.
+
+Where the process cap does not depend on the moment of launch (a uid of its own, or the userns-nproc
+mechanism), one sandbox serves many programs: its pid 1 (the driver in serve mode, "the zygote") forks a
+driver per program and, after each, kills every other process, empties the writable places and removes IPC
+objects (see sandbox_driver.py). Otherwise bwrap starts per program with the driver as pid 1.
 
 Without bwrap, `Sandbox` refuses to start unless `allow_unsandboxed=True`, and then logs a loud warning.
 """

@@ -1,9 +1,12 @@
 """The test driver that runs INSIDE the sandbox (stdlib only; the system python runs it as its pid 1).
 
     python3 -I -B sandbox_driver.py STYLE HARNESS_DIR IO_DIR
+    python3 -I -B sandbox_driver.py serve HARNESS_DIR IO_DIR MEMORY_KB MAX_TASKS NPROC
 
-STYLE is "stdin", "functional" or "check". HARNESS_DIR (read-only) holds program.py, the untrusted solution.
-The spec arrives on stdin as two frames (8-byte little-endian length + marshal v4 dict): the public part
+STYLE is "stdin", "functional" or "check": one program, then exit. "serve" makes this process the zygote of a
+persistent sandbox, which forks a driver per program (see serve() below); each driver does what the first
+form does. HARNESS_DIR (read-only) holds program.py, the untrusted solution.
+The spec arrives on stdin (the first form) or on the program's own pipe (serve) as two frames (8-byte little-endian length + marshal v4 dict): the public part
 (timeout, inputs, fn_name, entry_point, prelude), then the secret part (the check code). Results leave on
 stdout as JSON lines:
     {"i": k, "ok": true, "out": "..."}      stdin test k ran; "out" is its stdout, judged outside the sandbox
@@ -13,12 +16,14 @@ stdout as JSON lines:
     {"done": true}
 
 Trust: the driver never runs untrusted code itself. The solution runs only in forked children that first close
-the channel and the spec pipe and point fds 0-2 elsewhere. The driver makes itself non-dumpable, so those
-children (same uid, no capabilities) can neither ptrace it nor open /proc/1/fd/* or /proc/1/mem; as pid 1 of a
-pid namespace it also ignores their signals. It supervises the namespace: past the spec's memory_kb of resident
-memory or max_tasks tasks in all, it kills every other process; with nproc it first lowers its own RLIMIT_NPROC
-(counted in the sandbox's user namespace on kernels that do so, see confinement.py). Expected outputs of stdin and functional tests never enter the
-sandbox, so no child can learn them. For the check style (HumanEval-like `check(candidate)` code, which holds
+the channel and the spec pipe and point fds 0-2 elsewhere. The driver (or the zygote it was forked from) makes
+itself non-dumpable, so those children (same uid, no capabilities) can neither ptrace it nor open its
+/proc/<pid>/fd/* or mem; as pid 1 of a pid namespace it also ignores their signals (a driver forked by the
+zygote does not: a program that kills it ends its own run). It supervises the namespace: past the spec's
+memory_kb of resident memory or max_tasks tasks in all, it kills every other process; with nproc it first
+lowers its own RLIMIT_NPROC (counted in the sandbox's user namespace on kernels that do so, see
+confinement.py). Expected outputs of stdin and functional tests never enter the sandbox, so no child can
+learn them. For the check style (HumanEval-like `check(candidate)` code, which holds
 the expected values) the call server is forked BEFORE the secret frame is read: its memory never held the
 test code.
 The check runs here against a proxy whose calls cross a pipe as Python literals (repr -> ast.literal_eval),
