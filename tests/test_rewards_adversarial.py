@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from megatron_rl.rewards import RewardPool, Sandbox, parse_tests
-from megatron_rl.rewards.sandbox import UidLease, is_root, processes_of_uid
+from megatron_rl.rewards.sandbox import UidLease, _children_of, is_root, processes_of_uid
 
 REPO = Path(__file__).resolve().parents[1]
 REWARDS_SRC = REPO / "megatron_rl" / "rewards"
@@ -443,6 +444,13 @@ def test_a_persistent_sandbox_starts_each_program_as_the_first() -> None:
         assert not any(r.get("out") == "hoarded\n" for r in hoard.records), hoard
         assert "memory limit exceeded" in str(hoard.records) + hoard.ended, hoard
         assert box.run("stdin", LOOK_FOR_STATE, spec, 10).records[0]["out"].startswith("[] [] []")
+
+        # A sandbox that died between programs (here: its pid 1 killed, as the OOM killer might) is replaced,
+        # and the program runs.
+        (pid_1,) = _children_of(box._zygote.proc.pid)
+        os.kill(pid_1, signal.SIGKILL)
+        box._zygote.proc.wait()
+        assert box.run("stdin", "print(6 * 7)", spec, 10).records[0] == {"i": 0, "ok": True, "out": "42\n"}
     finally:
         box.close()
         lease.release()

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 RECYCLE_RUNS = 1000  # a persistent sandbox is replaced by a fresh one after this many programs
 END_GRACE = 2.0  # seconds past a run's wall-clock limit before its persistent sandbox counts as unresponsive
+SANDBOX_GONE = "the sandbox ended unexpectedly"
 
 DRIVER_SOURCE = Path(__file__).with_name("sandbox_driver.py")
 SANDBOX_PYTHON = "/usr/bin/python3"
@@ -513,7 +514,18 @@ class Sandbox:
     def _run_in_zygote(
         self, style: str, spec_bytes: bytes, wall_timeout: float, on_record: Callable[[dict], bool] | None
     ) -> RunResult:
+        result = self._run_in_zygote_once(style, spec_bytes, wall_timeout, on_record)
+        if result.error == SANDBOX_GONE and not result.records:
+            # It died between programs (a killed bwrap, say), before this one started: once more, in a new one.
+            result = self._run_in_zygote_once(style, spec_bytes, wall_timeout, on_record)
+        return result
+
+    def _run_in_zygote_once(
+        self, style: str, spec_bytes: bytes, wall_timeout: float, on_record: Callable[[dict], bool] | None
+    ) -> RunResult:
         result = RunResult()
+        if self._zygote is not None and self._zygote.proc.poll() is not None:
+            self._kill_zygote()
         if self._zygote is None:
             try:
                 self._zygote = self._start_zygote()
@@ -532,10 +544,10 @@ class Sandbox:
         spec_read, spec_write = os.pipe()
         try:
             socket.send_fds(zygote.control, [marshal.dumps(request, 4)], [spec_read])
-        except OSError as e:
+        except OSError:
             os.close(spec_write)
-            result.error = f"the sandbox is gone: {e}"
-            self._stop_zygote()
+            result.error = SANDBOX_GONE
+            self._kill_zygote()
             return result
         finally:
             os.close(spec_read)
@@ -558,7 +570,7 @@ class Sandbox:
             # Unresponsive, dead or garbling: this sandbox is replaced, and its program's processes die with it.
             result.timed_out = outcome == "deadline"
             if outcome == "eof" and not result.error:
-                result.error = "the sandbox ended unexpectedly"
+                result.error = SANDBOX_GONE
             self._kill_zygote()
             return result
         result.exit_status = int(end.get("exit", 1))
