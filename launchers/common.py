@@ -208,34 +208,19 @@ def sbatch_script(name: str, script: run.Script, executor: run.SlurmExecutor) ->
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def _parser(domain: str) -> argparse.ArgumentParser:
-    stages = STAGES.get(domain, {})
-    p = argparse.ArgumentParser(
-        prog=f"python -m launchers.{domain if domain == 'sft' else domain + '_stage'}",
-        description=__doc__.split("\n\n")[0],
-    )
+def add_launch_arguments(p: argparse.ArgumentParser, local_output: str) -> None:
+    """The executor and where it runs: the flags every launcher shares. local_output: whose run.output_dir a
+    local run keeps by default."""
     p.add_argument("--executor", choices=("local", "slurm"), default="local")
-    p.add_argument(
-        "--model",
-        choices=("tiny", *MODELS),
-        default=None,
-        help="which config: tiny (configs/tiny_math.yaml, the default for --executor local) or a stage config",
-    )
-    if stages:
-        p.add_argument(
-            "--stage", choices=tuple(stages), default="1", help="curriculum stage (launchers/curriculum.py)"
-        )
-    p.add_argument("--config", type=Path, default=None, help="a config file instead of --model's")
     p.add_argument(
         "--output-dir",
         default=None,
-        help="run.output_dir (default: local, the config's under this repo; Slurm, JOB_DIR/runs)",
+        help=f"run.output_dir (default: local, {local_output} under this repo; Slurm, JOB_DIR/runs)",
     )
-    p.add_argument("--dryrun", action="store_true", help="print what would run (the sbatch script on Slurm)")
-    p.add_argument("--detach", action="store_true", help="Slurm: return after submitting")
     p.add_argument(
-        "--no-plan", action="store_true", help="submit even when `megatron-rl plan` says it does not fit"
+        "--dryrun", action="store_true", help="print what would run (the sbatch script(s) on Slurm)"
     )
+    p.add_argument("--detach", action="store_true", help="Slurm: return after submitting")
     for key in ENV:
         p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=f"Slurm (env {ENV[key]})")
     p.add_argument(
@@ -254,6 +239,29 @@ def _parser(domain: str) -> argparse.ArgumentParser:
         "(env MEGATRON_RL_SLURM_RETRIES)",
     )
     p.add_argument("--python", default=None, help="python on the cluster (Slurm default: python)")
+
+
+def _parser(domain: str) -> argparse.ArgumentParser:
+    stages = STAGES.get(domain, {})
+    p = argparse.ArgumentParser(
+        prog=f"python -m launchers.{domain if domain == 'sft' else domain + '_stage'}",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--model",
+        choices=("tiny", *MODELS),
+        default=None,
+        help="which config: tiny (configs/tiny_math.yaml, the default for --executor local) or a stage config",
+    )
+    if stages:
+        p.add_argument(
+            "--stage", choices=tuple(stages), default="1", help="curriculum stage (launchers/curriculum.py)"
+        )
+    p.add_argument("--config", type=Path, default=None, help="a config file instead of --model's")
+    add_launch_arguments(p, "the config's")
+    p.add_argument(
+        "--no-plan", action="store_true", help="submit even when `megatron-rl plan` says it does not fit"
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     return p
 

@@ -36,6 +36,7 @@ from launchers.common import (
     REPO,
     ClusterSettings,
     LaunchError,
+    add_launch_arguments,
     cluster_overrides,
     cluster_settings,
     local_executor,
@@ -152,21 +153,7 @@ def run_recipe(name: str, tasks: list[StepTask], dryrun: bool = False, detach: b
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launchers.recipe", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", type=Path, help="recipe YAML (megatron_rl/recipe.py)")
-    p.add_argument("--executor", choices=("local", "slurm"), default="local")
-    p.add_argument(
-        "--output-dir",
-        default=None,
-        help="run.output_dir (default: local, the first stage config's under this repo; Slurm, JOB_DIR/runs)",
-    )
-    p.add_argument("--dryrun", action="store_true", help="print what would run (the sbatch scripts on Slurm)")
-    p.add_argument("--detach", action="store_true", help="Slurm: return after submitting every step's job")
-    for key in ENV:
-        p.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=f"Slurm (env {ENV[key]})")
-    p.add_argument("--job-dir", default=None, help="Slurm: as for launchers.math_stage")
-    p.add_argument("--ssh-host", default=None, help="Slurm: submit over SSH to this login node")
-    p.add_argument("--ssh-user", default=None)
-    p.add_argument("--retries", type=int, default=None, help="Slurm: requeue a failed job this many times")
-    p.add_argument("--python", default=None, help="python on the cluster (Slurm default: python)")
+    add_launch_arguments(p, "the first stage config's")
     p.add_argument("overrides", nargs="*", help="config overrides for every stage, key=value")
     return p
 
