@@ -82,6 +82,11 @@ class ProcessCap:
     def inner_nproc(self) -> bool:
         return self.mechanism == USERNS_NPROC
 
+    @property
+    def persistent_sandbox(self) -> bool:
+        """Whether a sandbox may serve many programs: its cap does not depend on the uid's tasks at launch."""
+        return self.mechanism in (DEDICATED_UIDS, USERNS_NPROC)
+
 
 def count_uid_tasks(uid: int) -> int:
     """Tasks (threads included) of the processes whose /proc entry belongs to uid. Non-dumpable processes

@@ -131,5 +131,6 @@ def doctor_main(workers: int | None = None, python: str = "/usr/bin/python3") ->
         return 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"mechanism: {cap.mechanism} ({cap.detail}; {workers} workers)")
+    sandboxes = "a persistent sandbox each" if cap.persistent_sandbox else "a sandbox per program"
+    print(f"mechanism: {cap.mechanism} ({cap.detail}; {workers} workers, {sandboxes})")
     return 0

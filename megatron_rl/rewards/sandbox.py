@@ -264,7 +264,7 @@ class Sandbox:
         self._compile_driver()
         self.runs = 0
         if persistent is None:
-            persistent = self.uid is not None or self.process_cap.inner_nproc
+            persistent = self.process_cap.persistent_sandbox
         self.persistent = bool(persistent and self.sandboxed)
         self._zygote: _Zygote | None = None
 
