@@ -300,6 +300,7 @@ os.chmod(root, 0o711)
 box = Sandbox(root, process_cap=ProcessCap(sys.argv[1]), concurrency=2)
 run = box.run("check", program, {"timeout": 3, "entry_point": "f", "prelude": ""}, 8, secret={"test": check})
 box.close()
+os.rmdir(root)
 print(run.records[0].get("why", "passed"))
 '''
 
