@@ -156,8 +156,10 @@ def _rank_main(rank: int, world: int, port: int, spec: BenchModel, model_dir: st
     cfg = bench_config(model_dir, spec, world)
     policy = Policy.from_hf(model_dir, params_dtype=torch.float32)
     optimizer = build_optimizer(policy, cfg.optim)
+    before_engine = status_bytes("VmRSS")
     engine = start_engine(cfg, Path(model_dir), policy.cfg.max_position_embeddings, external_launcher=True)
-    started = status_bytes("VmRSS")
+    engine_start = status_bytes("VmRSS") - before_engine
+    bucket_loads = _record_bucket_loads()
     sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)  # as `train` does after the engine starts
     task = synthetic_task(cfg.data)
     g, prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
@@ -181,6 +183,7 @@ def _rank_main(rank: int, world: int, port: int, spec: BenchModel, model_dir: st
         with phase_peak(record, "training") if measured else _nothing():
             policy_update(policy, optimizer, batch, cfg, step)
         policy.release_grads()
+        bucket_loads.clear()
         with phase_peak(record, "sync") if measured else _nothing():
             sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
     microbatches = pack_microbatches(
@@ -193,7 +196,9 @@ def _rank_main(rank: int, world: int, port: int, spec: BenchModel, model_dir: st
     mine = {
         "rank": rank,
         "baseline": baseline,
-        "after_engine_start": started,
+        "engine_start": engine_start,
+        # resident bytes as each bucket's load into vLLM began: the exported buckets alive, no load's own yet
+        "bucket_load_starts": list(bucket_loads),
         "phases": record,
         "samples": len(samples),
         "response_tokens": sum(len(r) for r in batch.responses),
@@ -214,6 +219,22 @@ def _nothing():
     yield
 
 
+def _record_bucket_loads() -> list[int]:
+    """A list that gets this process's resident bytes each time vLLM's worker (here, in this process: the
+    external launcher) starts verifying and loading a bucket; the worker's methods are otherwise unchanged."""
+    from megatron_rl.rollout.vllm_worker_ext import WeightSyncExtension
+
+    starts: list[int] = []
+    stage = WeightSyncExtension._mrl_stage
+
+    def recorded(self, bucket, expected):
+        starts.append(status_bytes("VmRSS"))
+        return stage(self, bucket, expected)
+
+    WeightSyncExtension._mrl_stage = recorded
+    return starts
+
+
 def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
     """The plan's prediction per phase (with the largest measured baseline) beside the largest measured peak."""
     from megatron_rl.plan import host_memory, resolve_shape
@@ -221,7 +242,11 @@ def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
     cfg = bench_config(model_dir, spec, len(ranks))
     shape, _ = resolve_shape(cfg)
     baseline = max(r["baseline"] for r in ranks)
-    plan = host_memory(cfg, shape, len(ranks), baseline)
+    # what the engine's start added beyond the plan's vLLM weights and KV cache
+    plan = host_memory(cfg, shape, len(ranks), baseline, 0)
+    modelled = plan.terms["vllm_weights"] + plan.terms["vllm_kv_cache"]
+    vllm_runtime = max(r["engine_start"] for r in ranks) - modelled
+    plan = host_memory(cfg, shape, len(ranks), baseline, vllm_runtime)
     phases = {}
     for name in PHASES:
         measured = max(r["phases"][name]["peak"] for r in ranks)
@@ -233,6 +258,7 @@ def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
             "before_bytes": max(r["phases"][name]["before"] for r in ranks),
         }
     sync_extra = max(r["phases"]["sync"]["peak"] - r["phases"]["sync"]["before"] for r in ranks)
+    exported = max(max(r["bucket_load_starts"]) - r["phases"]["sync"]["before"] for r in ranks)
     bucket = int(spec.bucket_mb * (1 << 20))
     return {
         "phases": phases,
@@ -240,8 +266,10 @@ def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
         "sync_extra_bytes": sync_extra,
         "bucket_bytes": bucket,
         "sync_extra_buckets": round(sync_extra / bucket, 3),
+        # of sync_extra: the most held as a bucket's load began (exported buckets), and the rest (vLLM's load)
+        "sync_exported_bytes": exported,
+        "sync_load_bytes": sync_extra - exported,
         "plan_terms": plan.terms,
-        "after_engine_start_bytes": max(r["after_engine_start"] for r in ranks),
         "processes_per_rank": max(r["phases"][n]["processes"] for r in ranks for n in PHASES),
         "params": ranks[0]["params"],
         "ranks": len(ranks),
@@ -269,7 +297,9 @@ def table(result: dict) -> str:
     )
     rows.append(
         f"sync extra: {result['sync_extra_bytes'] / mib:.1f} MiB = {result['sync_extra_buckets']} buckets of "
-        f"{result['bucket_bytes'] / mib:g} MiB"
+        f"{result['bucket_bytes'] / mib:g} MiB (exported buckets {result['sync_exported_bytes'] / mib:.1f}, "
+        f"vLLM's load {result['sync_load_bytes'] / mib:.1f}; plan's sync buffers "
+        f"{result['plan_terms']['sync_buffers'] / mib:.1f})"
     )
     return "\n".join(rows)
 
