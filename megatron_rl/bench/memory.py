@@ -41,6 +41,8 @@ import argparse
 import json
 import os
 import tempfile
+import threading
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -159,7 +161,7 @@ def _rank_main(rank: int, world: int, port: int, spec: BenchModel, model_dir: st
     before_engine = status_bytes("VmRSS")
     engine = start_engine(cfg, Path(model_dir), policy.cfg.max_position_embeddings, external_launcher=True)
     engine_start = status_bytes("VmRSS") - before_engine
-    bucket_loads = _record_bucket_loads()
+    exported = ExportedBytes(policy)
     sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)  # as `train` does after the engine starts
     task = synthetic_task(cfg.data)
     g, prompts = cfg.rollout.group_size, cfg.rollout.prompts_per_step
@@ -183,7 +185,7 @@ def _rank_main(rank: int, world: int, port: int, spec: BenchModel, model_dir: st
         with phase_peak(record, "training") if measured else _nothing():
             policy_update(policy, optimizer, batch, cfg, step)
         policy.release_grads()
-        bucket_loads.clear()
+        exported.reset()
         with phase_peak(record, "sync") if measured else _nothing():
             sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
     microbatches = pack_microbatches(
@@ -197,8 +199,7 @@ def _rank_main(rank: int, world: int, port: int, spec: BenchModel, model_dir: st
         "rank": rank,
         "baseline": baseline,
         "engine_start": engine_start,
-        # resident bytes as each bucket's load into vLLM began: the exported buckets alive, no load's own yet
-        "bucket_load_starts": list(bucket_loads),
+        "exported_peak": exported.peak,  # of the measured sync
         "phases": record,
         "samples": len(samples),
         "response_tokens": sum(len(r) for r in batch.responses),
@@ -219,20 +220,33 @@ def _nothing():
     yield
 
 
-def _record_bucket_loads() -> list[int]:
-    """A list that gets this process's resident bytes each time vLLM's worker (here, in this process: the
-    external launcher) starts verifying and loading a bucket; the worker's methods are otherwise unchanged."""
-    from megatron_rl.rollout.vllm_worker_ext import WeightSyncExtension
+class ExportedBytes:
+    """The most bytes of exported tensors (the HF-named tensors `policy.hf_buckets` yields: gathered or
+    converted copies, not the parameters) alive at once, counted from each tensor's creation to its release
+    (a weakref finalizer), whichever thread drops it. Wraps `policy.hf_buckets` on this instance."""
 
-    starts: list[int] = []
-    stage = WeightSyncExtension._mrl_stage
+    def __init__(self, policy):
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+        export = policy.hf_buckets
 
-    def recorded(self, bucket, expected):
-        starts.append(status_bytes("VmRSS"))
-        return stage(self, bucket, expected)
+        def counted(bucket_bytes: int = 512 << 20):
+            for bucket in export(bucket_bytes):
+                for _, t in bucket:
+                    self._add(t.numel() * t.element_size())
+                    weakref.finalize(t, self._add, -t.numel() * t.element_size())
+                yield bucket
 
-    WeightSyncExtension._mrl_stage = recorded
-    return starts
+        policy.hf_buckets = counted
+
+    def _add(self, nbytes: int) -> None:
+        with self._lock:
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.peak = self.now
 
 
 def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
@@ -258,7 +272,7 @@ def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
             "before_bytes": max(r["phases"][name]["before"] for r in ranks),
         }
     sync_extra = max(r["phases"]["sync"]["peak"] - r["phases"]["sync"]["before"] for r in ranks)
-    exported = max(max(r["bucket_load_starts"]) - r["phases"]["sync"]["before"] for r in ranks)
+    exported = max(r["exported_peak"] for r in ranks)
     bucket = int(spec.bucket_mb * (1 << 20))
     return {
         "phases": phases,
@@ -266,9 +280,10 @@ def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
         "sync_extra_bytes": sync_extra,
         "bucket_bytes": bucket,
         "sync_extra_buckets": round(sync_extra / bucket, 3),
-        # of sync_extra: the most held as a bucket's load began (exported buckets), and the rest (vLLM's load)
+        # the most bytes of exported tensors alive at once during the sync (the gathering path), and what the
+        # sync's peak held beyond them (vLLM's load of a bucket, and anything else)
         "sync_exported_bytes": exported,
-        "sync_load_bytes": sync_extra - exported,
+        "sync_other_bytes": sync_extra - exported,
         "plan_terms": plan.terms,
         "processes_per_rank": max(r["phases"][n]["processes"] for r in ranks for n in PHASES),
         "params": ranks[0]["params"],
@@ -297,8 +312,8 @@ def table(result: dict) -> str:
     )
     rows.append(
         f"sync extra: {result['sync_extra_bytes'] / mib:.1f} MiB = {result['sync_extra_buckets']} buckets of "
-        f"{result['bucket_bytes'] / mib:g} MiB (exported buckets {result['sync_exported_bytes'] / mib:.1f}, "
-        f"vLLM's load {result['sync_load_bytes'] / mib:.1f}; plan's sync buffers "
+        f"{result['bucket_bytes'] / mib:g} MiB (exported tensors alive at once "
+        f"{result['sync_exported_bytes'] / mib:.1f}, the rest {result['sync_other_bytes'] / mib:.1f}; plan's sync buffers "
         f"{result['plan_terms']['sync_buffers'] / mib:.1f})"
     )
     return "\n".join(rows)
