@@ -205,6 +205,7 @@ def _rank_main(rank: int, world: int, port: int, spec: BenchModel, model_dir: st
         "baseline": baseline,
         "engine_start": engine_start,
         "exported_peak": exported.peak,  # of the measured sync
+        "exported_left": exported.left_at_reset,  # of earlier syncs, still alive when it began
         "phases": record,
         "samples": len(samples),
         "response_tokens": sum(len(r) for r in batch.responses),
@@ -227,31 +228,38 @@ def _nothing():
 
 class ExportedBytes:
     """The most bytes of exported tensors (the HF-named tensors `policy.hf_buckets` yields: gathered or
-    converted copies, not the parameters) alive at once, counted from each tensor's creation to its release
-    (a weakref finalizer), whichever thread drops it. Wraps `policy.hf_buckets` on this instance."""
+    converted copies, not the parameters) alive at once since the last `reset`, counted from each tensor's
+    creation to its release (a weakref finalizer), whichever thread drops it; tensors exported before the reset
+    are not counted (`left_at_reset`: their bytes still alive then). Wraps `policy.hf_buckets` on this
+    instance."""
 
     def __init__(self, policy):
-        self.now = self.peak = 0
+        self.peak = self.left_at_reset = self.generation = 0
         self._lock = threading.Lock()
+        self._alive: dict[int, int] = {}  # generation -> bytes alive
         export = policy.hf_buckets
 
         def counted(bucket_bytes: int = 512 << 20):
             for bucket in export(bucket_bytes):
                 for _, t in bucket:
-                    self._add(t.numel() * t.element_size())
-                    weakref.finalize(t, self._add, -t.numel() * t.element_size())
+                    nbytes = t.numel() * t.element_size()
+                    self._add(self.generation, nbytes)
+                    weakref.finalize(t, self._add, self.generation, -nbytes)
                 yield bucket
 
         policy.hf_buckets = counted
 
-    def _add(self, nbytes: int) -> None:
+    def _add(self, generation: int, nbytes: int) -> None:
         with self._lock:
-            self.now += nbytes
-            self.peak = max(self.peak, self.now)
+            self._alive[generation] = self._alive.get(generation, 0) + nbytes
+            if generation == self.generation:
+                self.peak = max(self.peak, self._alive[generation])
 
     def reset(self) -> None:
         with self._lock:
-            self.peak = self.now
+            self.left_at_reset = sum(self._alive.values())
+            self.generation += 1
+            self.peak = 0
 
 
 def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
@@ -289,6 +297,7 @@ def summarize(ranks: list[dict], model_dir: str, spec: BenchModel) -> dict:
         # sync's peak held beyond them (vLLM's load of a bucket, and anything else)
         "sync_exported_bytes": exported,
         "sync_other_bytes": sync_extra - exported,
+        "exported_alive_before_sync_bytes": max(r["exported_left"] for r in ranks),
         "plan_terms": plan.terms,
         "processes_per_rank": max(r["phases"][n]["processes"] for r in ranks for n in PHASES),
         "params": ranks[0]["params"],
