@@ -363,6 +363,7 @@ BENCHMARKS: dict[str, str] = {
     "parity": "Log-probs of vLLM's samples: vLLM vs the trainer's recomputation, each vs a float64 reference.",
     "curate": "Decontamination and dedup of a 100k-row file vs reading and writing it.",
     "overlap": "RL steps per minute, rollout.staleness 0 vs 1, engine server in its own process.",
+    "memory": "Peak memory per phase of a colocated 2-rank step (engine in each rank) beside the plan's prediction.",
 }
 
 

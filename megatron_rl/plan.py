@@ -36,6 +36,13 @@ Placement: colocated, vLLM and the trainer share every GPU, in three phases per 
 - generation: the trainer's weights and optimizer state resident (no gradients), vLLM at its budget.
 Separate, vLLM runs on `rollout.engine_nodes` nodes and the trainer on the rest; an engine GPU holds vLLM's
 budget plus a receive buffer and one materialised layer during a sync.
+
+On the CPU (`host_memory`, checked by `megatron-rl bench memory`) the same terms are counted per rank process
+of a colocated run with an engine on every rank, with four differences: activations are those of the CPU's
+layer spec (torch ops, unfused: `layer_saved_values`); vLLM-CPU has no sleep mode, so its weights and KV cache
+stay in every phase; its KV cache is the fixed allocation of `rollout.cpu_kv_cache_gib`; and the GPU runtime
+allowances are replaced by two terms measured at startup, the process's resident memory before any weight
+exists and what vLLM's start adds beyond its weights and KV cache.
 """
 
 from __future__ import annotations
@@ -277,7 +284,33 @@ def _dtype_bytes(cfg: Config) -> int:
     return 2 if cfg.model.dtype == "bfloat16" else 4
 
 
-def train_memory(cfg: Config, shape: Qwen2Config, gpus: int) -> TrainMemory:
+def layer_saved_values(shape: Qwen2Config, tp: int, layer_spec: str = "te") -> tuple[int, int]:
+    """Values per token that one decoder layer keeps for backward without recompute, and those the final norm
+    and the output layer keep on the last stage, for a layer spec:
+
+    - "te" (GPU: Transformer Engine's fused norm + linear, fused SwiGLU, flash attention): see the module
+      docstring; the final norm's output (h);
+    - "local" (the CPU: megatron-core's local spec with torch ops and SDPACoreAttention, counted from the
+      autograd graph of model/build.py's model): each torch RMSNorm keeps its input, its normalised input and
+      its output (3h, two per layer); attention keeps the rotated q, k and v repeated to every query head
+      (repeat_interleave, when KV heads are fewer; else the rotated k and the qkv output v is a view of), the
+      output of each packed sequence and the projection's input, a reshaped copy (together 5q with GQA); rotary
+      keeps cos and sin for q and for k (4 head_dim); the MLP keeps the fc1 output (2 ffn), the SiLU output, the
+      up half and the product (5 ffn in all); the final norm 3h."""
+    h, d, ffn = shape.hidden_size, shape.head_dim, shape.intermediate_size // tp
+    q = shape.num_attention_heads // tp * d
+    kv = _kv_heads_per_rank(shape, tp) * d
+    if layer_spec == "te":
+        return 4 * h + 2 * q + 2 * kv + 3 * ffn, h
+    if layer_spec != "local":
+        raise ValueError(f"layer_spec {layer_spec!r}: 'te' or 'local'")
+    k_v = 2 * q if q > kv else kv + (q + 2 * kv)
+    return 6 * h + 3 * q + k_v + 4 * d + 5 * ffn, 3 * h
+
+
+def train_memory(cfg: Config, shape: Qwen2Config, gpus: int, layer_spec: str = "te") -> TrainMemory:
+    """The trainer's memory on one GPU (or, with layer_spec "local", one CPU rank): see the module docstring
+    and `layer_saved_values`."""
     tp, pp = cfg.model.tensor_parallel_size, cfg.model.pipeline_parallel_size
     if gpus % (tp * pp):
         raise PlanError(
@@ -300,10 +333,9 @@ def train_memory(cfg: Config, shape: Qwen2Config, gpus: int) -> TrainMemory:
     if cfg.optim.distributed_optimizer:
         opt_b = opt_b / dp
     stages = stage_params(shape, tp, pp)
-    h, d, ffn = shape.hidden_size, shape.head_dim, shape.intermediate_size // tp
-    q = shape.num_attention_heads // tp * d
-    kv = _kv_heads_per_rank(shape, tp) * d
-    full_layer = a * (4 * h + 2 * q + 2 * kv + 3 * ffn)  # bytes per token, all of one layer's saved tensors
+    h, ffn = shape.hidden_size, shape.intermediate_size // tp
+    layer_values, last_values = layer_saved_values(shape, tp, layer_spec)
+    full_layer = a * layer_values  # bytes per token, all of one layer's saved tensors
     kept_layer = a * h if cfg.model.recompute else full_layer
     tokens = cfg.grpo.max_tokens_per_microbatch
     layers = shape.num_hidden_layers // pp
@@ -314,7 +346,7 @@ def train_memory(cfg: Config, shape: Qwen2Config, gpus: int) -> TrainMemory:
         acts = in_flight * layers * kept_layer * tokens
         acts += tokens * (full_layer if cfg.model.recompute else 0)  # the layer being recomputed
         acts += tokens * a * 2 * ffn  # backward transient: one gate/up gradient
-        lg = logits + tokens * a * h if s == pp - 1 else 0
+        lg = logits + tokens * a * last_values if s == pp - 1 else 0
         total = n * (a + grad_b + opt_b) + acts + lg
         if worst is None or total > worst[0]:
             worst = (total, n, acts, lg)
@@ -485,6 +517,74 @@ def place(cfg: Config, shape: Qwen2Config, placement: str, engine_nodes: int) ->
             f"at full length: set rollout.max_num_seqs <= {rollout.max_concurrent_sequences} or raise TP/utilization"
         )
     return Placement(placement, train, rollout, peak, not reasons, reasons, phases, sync_extra, mem - peak)
+
+
+@dataclass
+class HostMemory:
+    """Bytes one rank process holds at the peak of each phase of a colocated step on the CPU, and the terms
+    they add up from (see `host_memory`)."""
+
+    terms: dict[str, int]
+    phases: dict[str, int]
+
+
+def host_memory(
+    cfg: Config, shape: Qwen2Config, ranks: int, baseline_bytes: int, vllm_runtime_bytes: int
+) -> HostMemory:
+    """The colocated step on the CPU, per rank process: `ranks` trainer ranks, each hosting vLLM's worker
+    (rollout.engine_ranks=all). The terms are train_memory's (with the CPU's "local" layer spec),
+    rollout_memory's and sync_buffers', in bytes, with what differs from a GPU: vLLM-CPU cannot sleep, so its
+    weights and its KV cache (a fixed allocation of rollout.cpu_kv_cache_gib, not a share of a budget) are held
+    in every phase; and in place of the GPU's runtime allowances, two terms the caller measures at startup:
+
+    - `baseline_bytes`: what the process holds with Python, torch, megatron-core and vLLM imported and its
+      process groups started, before any weight exists;
+    - `vllm_runtime_bytes`: what starting the engine added beyond its weights and KV cache (vLLM's own
+      structures, tokenizer, threads, kernels).
+
+    Phases (a step runs them in the order generation, training, sync):
+    - training: baseline + trainer weights, gradient buffers, optimizer state, one micro-batch's activations
+      and logits + vLLM's weights, KV cache and runtime;
+    - sync: baseline + trainer weights and optimizer state (gradients released) + vLLM's weights, KV cache and
+      runtime + the sync's buffers;
+    - generation: the same without the sync's buffers, plus vLLM's activations (its profile-run forward)."""
+    train = train_memory(cfg, shape, ranks, layer_spec="local")
+    rollout = rollout_memory(cfg, shape, ranks)
+    trainer_side, engine_side = sync_buffers(cfg, shape, rollout.tp)
+
+    def nbytes(gib: float) -> int:
+        return round(gib * GIB)
+
+    terms = {
+        "baseline": baseline_bytes,
+        "trainer_weights": nbytes(train.weights_gib),
+        "trainer_grads": nbytes(train.grads_gib),
+        "optimizer_state": nbytes(train.optimizer_gib),
+        "trainer_activations": nbytes(train.activations_gib + train.logits_gib),
+        "vllm_weights": nbytes(rollout.weights_gib),
+        "vllm_kv_cache": cfg.rollout.cpu_kv_cache_gib * GIB,
+        "vllm_runtime": vllm_runtime_bytes,
+        "vllm_activations": nbytes(rollout.activations_gib),
+        "sync_buffers": nbytes(trainer_side + engine_side),
+    }
+    t = terms
+    resident = sum(
+        t[k]
+        for k in (
+            "baseline",
+            "trainer_weights",
+            "optimizer_state",
+            "vllm_weights",
+            "vllm_kv_cache",
+            "vllm_runtime",
+        )
+    )
+    phases = {
+        "generation": resident + t["vllm_activations"],
+        "training": resident + t["trainer_grads"] + t["trainer_activations"],
+        "sync": resident + t["sync_buffers"],
+    }
+    return HostMemory(terms, phases)
 
 
 def fitting_max_num_seqs(cfg: Config) -> int | None:

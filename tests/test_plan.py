@@ -161,6 +161,38 @@ def test_colocated_peak_is_the_largest_phase_of_a_step():
     assert alt.placement == "separate" and alt.train.gpus == alt.rollout.gpus == 16
 
 
+def test_host_memory_counts_the_cpu_layer_spec_and_keeps_vllm_in_every_phase():
+    """The CPU's colocated step per rank (bench memory checks it): the local layer spec's saved tensors, counted
+    by hand for the ~150M shape (h = q = 1024, 4 KV heads of 64, MLP 3072), vLLM's weights, fixed KV cache and
+    measured runtime held in every phase, gradients only in training."""
+    from dataclasses import replace
+
+    from megatron_rl.model.tiny import QWEN2_145M
+    from megatron_rl.plan import host_memory, layer_saved_values
+
+    tiny, _ = resolve_shape(load_config(TINY))
+    sizes = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim")
+    shape = replace(tiny, intermediate_size=3072, **{k: getattr(QWEN2_145M, k) for k in sizes})
+    h, q, ffn, d = 1024, 1024, 3072, 64
+    assert layer_saved_values(shape, 1, "te") == (4 * h + 2 * q + 2 * 256 + 3 * ffn, h)
+    # norms 2 x (input, normalised, output); q, k and v repeated to 16 heads, per-sequence output, projection
+    # input; rotary cos/sin for q and k; fc1 output (2 ffn), SiLU output, up half, product
+    assert layer_saved_values(shape, 1, "local") == (6 * h + 5 * q + 4 * d + 5 * ffn, 3 * h)
+    cfg = load_config(TINY, ["rollout.engine_ranks=all", "cluster.gpus_per_node=2", "model.dtype=float32"])
+    m = host_memory(cfg, shape, 2, baseline_bytes=500 << 20, vllm_runtime_bytes=300 << 20)
+    t = m.terms
+    assert (
+        t["vllm_kv_cache"] == cfg.rollout.cpu_kv_cache_gib * GIB and t["trainer_weights"] == t["vllm_weights"]
+    )
+    resident = sum(t[k] for k in ("baseline", "trainer_weights", "optimizer_state", "vllm_weights",
+                                  "vllm_kv_cache", "vllm_runtime"))  # fmt: skip
+    assert m.phases == {
+        "generation": resident + t["vllm_activations"],
+        "training": resident + t["trainer_grads"] + t["trainer_activations"],
+        "sync": resident + t["sync_buffers"],
+    }
+
+
 def test_plan_says_when_a_config_sized_for_many_engines_runs_one():
     many = make_plan(load_config(stage_config("math", "7b")))  # engine_ranks: all
     assert not any("engine_ranks" in n for n in many.notes)

@@ -103,6 +103,35 @@ def test_checksum_of_views_equals_that_of_copies():
     assert tensor_checksum(grid) != tensor_checksum(grid.t().contiguous())  # position matters
 
 
+def test_a_sent_bucket_is_released_before_its_send_completes():
+    """WeightPush.send_async: nothing references the bucket once its send has returned, when its future
+    completes. (The caller is producing the bucket after next by then; an executor's work item would keep its
+    arguments until its thread next ran, a third bucket alive for a while.)"""
+    import threading
+    import weakref
+
+    from megatron_rl.rollout.weight_sync import WeightPush
+
+    registered = threading.Event()
+
+    def send_bucket(slot, bucket, checksums):
+        registered.wait(timeout=30)
+        return [checksums]
+
+    push = WeightPush(lambda *args: None, send_bucket, "test", lambda e: e)
+    bucket = _bucket()
+    refs = [weakref.ref(t) for _, t in bucket]
+    alive_when_done: list[int] = []
+    future = push.send_async(bucket, {name: tensor_checksum(t) for name, t in bucket})
+    del bucket
+    # Runs in the push's thread as the future completes (it is not done before `registered` is set).
+    future.add_done_callback(lambda _: alive_when_done.append(sum(r() is not None for r in refs)))
+    registered.set()
+    future.result(timeout=30)
+    push._settle()
+    assert alive_when_done == [0]
+
+
 def test_transport_names():
     assert resolve_transport("auto", on_gpu=False) == "shm"
     assert resolve_transport("auto", on_gpu=True) == "ipc"

@@ -61,6 +61,32 @@ def proportional_set_size(pid: int) -> int:
     raise RuntimeError(f"/proc/{pid}/smaps_rollup has no Pss line")
 
 
+# glibc settings under which a process's resident set follows what is live: every allocation of 64 KiB or more
+# gets its own mmap (so a freed tensor leaves the resident set at once instead of staying in the heap), no
+# trimming slack, one arena. Read by glibc at process start: put them in a child process's environment.
+MALLOC_RETURNS_FREED_MEMORY = {
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_TRIM_THRESHOLD_": "0",
+    "MALLOC_TOP_PAD_": "0",
+    "MALLOC_ARENA_MAX": "1",
+}
+
+
+def status_bytes(field: str, pid: int | str = "self") -> int:
+    """A memory line of /proc/PID/status in bytes: VmRSS (resident now) or VmHWM (its high-water mark)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/{pid}/status has no {field} line")
+
+
+def reset_peak_resident(pid: int | str = "self") -> None:
+    """Reset the kernel's high-water mark of the resident set (VmHWM) of process `pid` to its current size."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
 class PeakMemory:
     """The peak, above the level at entry, of the summed Pss of some processes while the block runs, sampled
     from a thread every `interval_s` (a peak shorter than that can be missed)."""

@@ -26,18 +26,12 @@ import os
 import subprocess
 import sys
 
+from megatron_rl.bench.common import MALLOC_RETURNS_FREED_MEMORY, reset_peak_resident, status_bytes
+
 QUICK = {"tokens": [512, 2048], "hidden": 256, "vocab": 32768}  # the test's sizes: seconds on 2 cores
 MAX_EXTRA_BYTES_PER_TOKEN = 64
 MAX_WORKSPACE_BYTES = 256 << 20
 IMPLEMENTATIONS = ("fused", "unfused")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} line")
 
 
 def _run_op(impl: str, hidden, weight, targets, g_lp, g_ent):
@@ -71,11 +65,10 @@ def measure_in_this_process(impl: str, tokens: list[int], hidden_size: int, voca
     results = []
     for n in tokens:
         args = inputs(n)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident set
-        before = _status_kib("VmRSS") * 1024
+        reset_peak_resident()  # VmHWM := the current resident set
+        before = status_bytes("VmRSS")
         outputs = _run_op(impl, *args)
-        peak = _status_kib("VmHWM") * 1024
+        peak = status_bytes("VmHWM")
         output_bytes = sum(t.numel() * t.element_size() for t in outputs)
         results.append(
             {
@@ -92,13 +85,7 @@ def measure_in_this_process(impl: str, tokens: list[int], hidden_size: int, voca
 
 def measure(impl: str, tokens: list[int], hidden_size: int, vocab: int) -> list[dict]:
     """`measure_in_this_process` in a fresh Python process (its memory state and glibc settings are known)."""
-    env = dict(
-        os.environ,
-        MALLOC_MMAP_THRESHOLD_="65536",
-        MALLOC_TRIM_THRESHOLD_="0",
-        MALLOC_TOP_PAD_="0",
-        MALLOC_ARENA_MAX="1",
-    )
+    env = dict(os.environ, **MALLOC_RETURNS_FREED_MEMORY)
     env.pop("TRITON_INTERPRET", None)
     code = (
         "import json, sys; from megatron_rl.bench.kernel_memory import measure_in_this_process as m; "

@@ -194,11 +194,17 @@ class WeightPush:
 
     def send_async(self, bucket: NamedTensors, checksums: dict[str, int]) -> Future:
         """`send` in this push's own thread, after the bucket before it (one request at a time per engine):
-        the caller produces the next bucket meanwhile."""
+        the caller produces the next bucket meanwhile. The thread's work item holds the bucket only through a
+        list that the send empties, so the bucket is released when the send returns, before its future is
+        done: an executor's work item keeps its arguments until its thread next runs, by which time the caller
+        may be producing the bucket after next."""
         if self._sender is None:
             self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-weight-push")
-        self._in_flight = self._sender.submit(self.send, bucket, checksums)
+        self._in_flight = self._sender.submit(self._send_taken, [bucket], checksums)
         return self._in_flight
+
+    def _send_taken(self, box: list[NamedTensors], checksums: dict[str, int]) -> None:
+        self.send(box.pop(), checksums)
 
     def _settle(self) -> None:
         """Wait for the bucket in flight (its error, if any, is someone else's to report) and end the thread."""
