@@ -139,6 +139,27 @@ def _restore(changed: list[tuple[torch.Tensor, str, bool, object]]) -> None:
             tensor.__dict__.pop(attr, None)
 
 
+def _refresh_tied_heads(model: torch.nn.Module) -> int:
+    """Redo the weight processing of an output layer whose weight is the embedding's (tied embeddings).
+
+    The reload processes the layers that received tensors; a tied lm_head receives none (its weight arrives
+    as the embedding's), so it would keep what its processing made from the old weight: on the CPU an oneDNN
+    matmul handle packed from it, which computes the logits. Returns how many layers were processed again."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    refreshed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, ParallelLMHead) and weight is not None and owners.get(id(weight), 0) > 1:
+            module.quant_method.process_weights_after_loading(module)
+            refreshed += 1
+    return refreshed
+
+
 class WeightSyncExtension:
     # ------------------------------------------------------------------------------------ one push
     def mrl_begin_sync(self, manifest: dict[str, list[int]], shard: list[int] | None = None) -> int:
@@ -204,6 +225,7 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         _layerwise().finalize_layerwise_reload(model, self.model_config)
         _restore(self.__dict__.pop("_mrl_as_shards", []))
+        _refresh_tied_heads(model)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as vLLM's reload does
             getattr(self.model_runner, reset, lambda: None)()
         tensors = len(self._mrl_received)
@@ -219,6 +241,7 @@ class WeightSyncExtension:
         _forget_partial_layers(model)
         _layerwise().finalize_layerwise_reload(model, self.model_config)
         _restore(self.__dict__.pop("_mrl_as_shards", []))
+        _refresh_tied_heads(model)
         loaded = len(self._mrl_received)
         self._mrl_manifest, self._mrl_received = None, set()
         return loaded
