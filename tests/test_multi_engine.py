@@ -134,6 +134,9 @@ def _local_shards(rank: int, world: int, model_dir: str) -> None:
     engine = VLLMEngine(model_dir, tensor_parallel_size=2, external_launcher=True, max_model_len=128)
     cfg = load_config(None, ["rollout.engine_ranks=all", "rollout.tensor_parallel_size=2"])
     assert local_shard_sync(cfg, policy, engine)  # same TP, same TP rank, GQA 2 KV heads, vocab of 64s
+    assert not local_shard_sync(
+        load_config(None, ["rollout.engine_ranks=all"]), policy, engine
+    )  # rollout TP 1
     sampling = {"n": 2, "max_tokens": 6, "seed": 3}
     before = [(s.token_ids, s.logprobs) for s in generate_all(engine, PROMPTS, **sampling)]
     with torch.no_grad():
