@@ -135,3 +135,62 @@ def _check_rank_reads_only_its_slices(rank: int, world: int, model_dirs: list[st
 def test_tp2_rank_reads_only_its_slices(tiny_ckpt, tiny_ckpt_gqa_tied):
     """tiny_ckpt has 1 KV head (TP=2 cuts its qkv group in two); tiny_ckpt_gqa_tied has one KV head per rank."""
     run_distributed(_check_rank_reads_only_its_slices, 2, [tiny_ckpt, tiny_ckpt_gqa_tied])
+
+
+@pytest.mark.parametrize("heads,kv_heads,tp,tied", [(4, 2, 1, True), (4, 2, 2, True), (8, 4, 4, False)])
+def test_local_export_is_vllm_shards_of_the_gathered_tensors(heads, kv_heads, tp, tied):
+    """The local export (no gather): each TP rank's HF tensors, cut from its Megatron shard, are the rows (o and
+    down: columns) vLLM's worker of that rank takes from the whole tensor; joined over ranks in vLLM's layout
+    they are the whole HF tensors, the ones merge_shards gathers; their shapes are local_hf_shapes'."""
+    from megatron_rl.model.convert import (
+        local_hf_shapes,
+        local_hf_tensors,
+        local_layout_problem,
+        merge_shards,
+        shard_for_rank,
+        stage_rules,
+    )
+    from megatron_rl.model.hf_config import expected_hf_shapes
+    from megatron_rl.model.tiny import TinyShape, tiny_qwen2_config
+
+    shape = TinyShape(
+        hidden_size=64, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+        tie_word_embeddings=tied, num_hidden_layers=2,
+    )  # fmt: skip
+    cfg = tiny_qwen2_config(shape)
+    assert local_layout_problem(cfg, tp) is None
+    gen = torch.Generator().manual_seed(0)
+    hf = {name: torch.randn(s, generator=gen) for name, s in expected_hf_shapes(cfg).items()}
+    local_shapes = local_hf_shapes(cfg, tp)
+    seen = set()
+    for rule in stage_rules(cfg, 0, 1, te=False):
+        whole = [hf[n] for n in rule.hf]
+        shards = [shard_for_rank(rule, whole, cfg, r, tp) for r in range(tp)]
+        per_rank = [local_hf_tensors(rule, shards[r], cfg, tp) for r in range(tp)]
+        gathered = merge_shards(rule, shards, cfg)
+        for i, name in enumerate(rule.hf):
+            dim = 1 if rule.split == "row" else 0
+            for r in range(tp):
+                assert tuple(per_rank[r][i].shape) == local_shapes[name], name
+                if rule.split != "replicated":  # vLLM's cut of the whole tensor for its rank r
+                    assert torch.equal(per_rank[r][i], whole[i].chunk(tp, dim=dim)[r]), (name, r)
+            joined = (
+                per_rank[0][i] if rule.split == "replicated" else torch.cat([p[i] for p in per_rank], dim)
+            )
+            assert torch.equal(joined, whole[i]) and torch.equal(joined, gathered[i]), name
+            seen.add(name)
+    assert seen == set(local_shapes) == set(hf)
+
+
+def test_local_layout_problems():
+    """Layouts where a Megatron rank's shard is not its vLLM worker's: named, so the sync gathers instead."""
+    from megatron_rl.model.convert import local_layout_problem
+    from megatron_rl.model.tiny import TinyShape, tiny_qwen2_config
+
+    mqa = tiny_qwen2_config(
+        TinyShape()
+    )  # 1 KV head: vLLM replicates it over 2 ranks, Megatron splits its group
+    assert "KV head" in local_layout_problem(mqa, 2)
+    assert local_layout_problem(mqa, 1) is None
+    gqa = TinyShape(num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    assert "multiple of 64" in local_layout_problem(tiny_qwen2_config(gqa, vocab_size=1000), 2)

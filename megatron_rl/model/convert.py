@@ -1,8 +1,10 @@
 """HF Qwen2 tensors <-> Megatron-core GPTModel shards (tensor and pipeline parallel).
 
 Loading reads only this rank's slices from safetensors; exporting gathers TP (all-gather) and PP (broadcast)
-and yields HF-named tensors in buckets, the form the rollout engines take. Every tensor name and shape is
-checked against what the config implies; a missing, extra or mis-shaped tensor is an error naming it.
+and yields HF-named tensors in buckets, the form the rollout engines take. The local export (`export_local_hf_
+buckets`) instead yields this TP rank's own part of each HF tensor, without any collective: what a vLLM worker
+of the same TP rank holds (q/k/v, gate/up de-fused, vocabulary rows). Every tensor name and shape is checked
+against what the config implies; a missing, extra or mis-shaped tensor is an error naming it.
 """
 
 from __future__ import annotations
@@ -126,9 +128,13 @@ def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: Qwen
     return torch.cat([qs, ks, vs], dim=1).reshape(-1, *q.shape[1:])
 
 
-def _split_qkv(full: torch.Tensor, cfg: Qwen2Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups, d = cfg.num_key_value_heads, cfg.head_dim
-    q_rows = cfg.num_attention_heads // groups * d
+def _split_qkv(
+    full: torch.Tensor, cfg: Qwen2Config, groups: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Interleaved qkv rows of `groups` whole query groups (default: all of them) -> q, k, v."""
+    d = cfg.head_dim
+    q_rows = cfg.num_attention_heads // cfg.num_key_value_heads * d  # a group's q rows
+    groups = groups or cfg.num_key_value_heads
     per_group = full.reshape(groups, q_rows + 2 * d, *full.shape[1:])
     q, k, v = torch.split(per_group, [q_rows, d, d], dim=1)
     return tuple(x.reshape(-1, *full.shape[1:]).contiguous() for x in (q, k, v))
@@ -229,6 +235,58 @@ def merge_shards(rule: Rule, shards: list[torch.Tensor], cfg: Qwen2Config) -> li
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The local layout: a TP rank's own part of each HF tensor, as a vLLM worker of the same TP rank holds it.
+
+
+def local_layout_problem(cfg: Qwen2Config, tp: int) -> str | None:
+    """Why TP rank r's Megatron shards are not the shards vLLM's TP rank r holds at tensor parallelism `tp`
+    (None: they are, and local_hf_tensors turns one into the other).
+
+    vLLM splits q heads, k/v heads, gate, up, o and down evenly over its ranks, but replicates k/v heads when
+    there are fewer than ranks (Megatron then splits a query group's rows over ranks), and it pads the
+    vocabulary to a multiple of 64 before splitting it (Megatron splits the unpadded rows)."""
+    if cfg.num_key_value_heads % tp:
+        return f"{cfg.num_key_value_heads} KV head(s) do not split over TP={tp} (vLLM replicates them)"
+    if cfg.vocab_size % 64 or cfg.vocab_size % tp:
+        return (
+            f"vocabulary size {cfg.vocab_size} is not a multiple of 64 and of TP={tp} (vLLM pads it to a "
+            "multiple of 64 before splitting it)"
+        )
+    if cfg.num_attention_heads % tp or cfg.intermediate_size % tp:
+        return f"attention heads or intermediate size do not split evenly over TP={tp}"
+    return None
+
+
+def local_hf_tensors(rule: Rule, local: torch.Tensor, cfg: Qwen2Config, tp: int) -> list[torch.Tensor]:
+    """A TP rank's shard of `rule.megatron` -> that rank's part of each HF tensor of the rule, in rule.hf order
+    (views of `local` except q/k/v): q/k/v de-interleaved from the rank's whole query groups, gate and up the
+    two halves of linear_fc1's rows, everything else as it is (vocabulary rows, o/down columns, norms)."""
+    if rule.split in ("replicated", "column", "row"):
+        return [local]
+    if rule.split == "qkv":
+        return list(_split_qkv(local, cfg, cfg.num_key_value_heads // tp))
+    if rule.split == "gate_up":
+        return list(local.chunk(2, dim=0))
+    raise AssertionError(rule.split)
+
+
+def local_hf_shapes(cfg: Qwen2Config, tp: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor the local export of one TP rank produces (one pipeline stage), with its shape, from the
+    config: the whole model's HF tensors cut evenly over `tp` (rows, or columns for o/down; norms whole)."""
+    full = expected_hf_shapes(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for rule in stage_rules(cfg, 0, 1, te=False):
+        for name in rule.hf:
+            shape = full[name]
+            if rule.split == "row":
+                shape = (shape[0], shape[1] // tp)
+            elif rule.split != "replicated":
+                shape = (shape[0] // tp, *shape[1:])
+            shapes[name] = shape
+    return {name: shapes[name] for name in full}  # in the checkpoint's order
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Model side.
 
 
@@ -309,8 +367,31 @@ def export_hf_groups(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[Named
     A receiver that loads a bucket at a time (vLLM's layerwise reload processes a layer once it has all its
     tensors) then never waits across buckets.
     """
+    return _per_receiver(_export_hf_parameters(model, cfg))
+
+
+def export_local_hf_groups(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[NamedTensors]:
+    """Yield this TP rank's part of each HF tensor (local_hf_tensors), grouped as export_hf_groups groups the
+    whole tensors. No collective and no full-size tensor: each rank runs it on its own. One pipeline stage
+    only (with PP a rank does not hold every layer its vLLM worker serves)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        raise ModelConfigError("the local export needs the whole model on one pipeline stage (PP=1)")
+    params = dict(unwrap(model).named_parameters())
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+
+    def per_parameter() -> Iterator[NamedTensors]:
+        for rule in _rules_for(model, cfg):
+            if rule.export:
+                tensors = local_hf_tensors(rule, params[rule.megatron].detach(), cfg, tp)
+                yield list(zip(rule.hf, tensors, strict=True))
+
+    return _per_receiver(per_parameter())
+
+
+def _per_receiver(per_parameter: Iterator[NamedTensors]) -> Iterator[NamedTensors]:
+    """Join consecutive parameters' HF tensors that load into the same receiver module."""
     group: NamedTensors = []
-    for tensors in _export_hf_parameters(model, cfg):
+    for tensors in per_parameter:
         if group and receiver_module(group[0][0]) != receiver_module(tensors[0][0]):
             yield group
             group = []
@@ -384,3 +465,9 @@ def export_hf_buckets(
     model: torch.nn.Module, cfg: Qwen2Config, bucket_bytes: int = 512 << 20
 ) -> Iterator[NamedTensors]:
     return bucketed(export_hf_groups(model, cfg), bucket_bytes)
+
+
+def export_local_hf_buckets(
+    model: torch.nn.Module, cfg: Qwen2Config, bucket_bytes: int = 512 << 20
+) -> Iterator[NamedTensors]:
+    return bucketed(export_local_hf_groups(model, cfg), bucket_bytes)

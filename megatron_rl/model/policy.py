@@ -42,7 +42,10 @@ from megatron_rl.model.convert import (
     NamedTensors,
     SafetensorsCheckpoint,
     export_hf_buckets,
+    export_local_hf_buckets,
     load_hf_into_megatron,
+    local_hf_shapes,
+    local_layout_problem,
 )
 from megatron_rl.model.fused_output import hidden_states_out, output_weight
 from megatron_rl.model.hf_config import Qwen2Config, check_hf_tensors, expected_hf_shapes, load_hf_config
@@ -343,6 +346,37 @@ class Policy:
     def hf_manifest(self) -> dict[str, tuple[int, ...]]:
         """Every tensor `hf_buckets` produces, with its shape, from the config (no tensor is made)."""
         return expected_hf_shapes(self.cfg)
+
+    def hf_local_buckets(self, bucket_bytes: int = 512 << 20) -> Iterator[NamedTensors]:
+        """This TP rank's part of every HF tensor, as a vLLM worker of the same TP rank holds it, bucketed like
+        `hf_buckets`; no collective and no full-size tensor (one pipeline stage only)."""
+        return export_local_hf_buckets(self.model, self.cfg, bucket_bytes)
+
+    def hf_local_manifest(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor `hf_local_buckets` produces, with its shape, from the config."""
+        return local_hf_shapes(self.cfg, parallel_state.get_tensor_model_parallel_world_size())
+
+    @property
+    def tp_shard(self) -> tuple[int, int]:
+        """(this rank's TP rank, TP size): which part of each tensor `hf_local_buckets` produces."""
+        return (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        )
+
+    def local_shards_problem(self, rollout_tp: int, engine_tp_rank: int) -> str | None:
+        """Why this rank's shards cannot go as they are to its vLLM worker, of TP rank `engine_tp_rank` in an
+        engine of TP `rollout_tp` (None: they can, through `hf_local_buckets`)."""
+        tp_rank, tp = self.tp_shard
+        if rollout_tp != tp:
+            return f"rollout TP {rollout_tp} differs from the trainer's TP {tp}"
+        if engine_tp_rank != tp_rank:
+            return (
+                f"this rank's vLLM worker is TP rank {engine_tp_rank}, its Megatron shards TP rank {tp_rank}"
+            )
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            return "the trainer is pipeline parallel"
+        return local_layout_problem(self.cfg, tp)
 
     def save_sharded(self, directory: Path) -> None:
         """This rank's shards in Megatron's distributed checkpoint format (a collective; any layout loads it)."""

@@ -288,6 +288,11 @@ class VLLMEngine:
     def _call(self, method: str, *args) -> list:
         return self.llm.collective_rpc(method, args=args)
 
+    def tensor_parallel_rank(self) -> int:
+        """The TP rank, inside its engine, of this process's vLLM worker (external launcher; else the first
+        worker's)."""
+        return self._rpc("mrl_tensor_parallel_rank")
+
     def release_weight_buffers(self) -> None:
         """Free every transport's buffers and groups on both sides (they are re-created by the next push)."""
         close_all(getattr(self, "_transports", {}).values(), _worker_message)

