@@ -133,6 +133,11 @@ def _run_as_user(account: pwd.struct_passwd, base: Path) -> None:
     for sub in ("data", "runs", "tmp", ".cache"):
         (home / sub).mkdir(parents=True)
     write_data(home / "data")
+    # torch.compile's cache of the caller's earlier runs (vLLM's CPU sampler compiles a few functions): compiling
+    # them again for an empty cache would cost ~25 s of CI time and is not what this test is about
+    compiled = Path(tempfile.gettempdir()) / f"torchinductor_{pwd.getpwuid(os.getuid()).pw_name}"
+    if compiled.is_dir():
+        shutil.copytree(compiled, home / ".cache" / "torchinductor", symlinks=True)
     chown_tree(home, account.pw_uid, account.pw_gid)
 
     python = Path(sys.executable)  # the venv's: its pyvenv.cfg finds the base interpreter
