@@ -228,7 +228,7 @@ def _nothing():
 
 class ExportedBytes:
     """The most bytes of exported tensors (the HF-named tensors `policy.hf_buckets` yields: gathered or
-    converted copies, not the parameters) alive at once since the last `reset`, counted from each tensor's
+    converted copies; views of the parameters count nothing) alive at once since the last `reset`, counted from each tensor's
     creation to its release (a weakref finalizer), whichever thread drops it; tensors exported before the reset
     are not counted (`left_at_reset`: their bytes still alive then). Wraps `policy.hf_buckets` on this
     instance."""
@@ -238,10 +238,14 @@ class ExportedBytes:
         self._lock = threading.Lock()
         self._alive: dict[int, int] = {}  # generation -> bytes alive
         export = policy.hf_buckets
+        # A view of a parameter (what a rank holding the whole tensor exports) holds no memory of its own.
+        parameter_storage = {p.untyped_storage().data_ptr() for p in policy.model.parameters()}
 
         def counted(bucket_bytes: int = 512 << 20):
             for bucket in export(bucket_bytes):
                 for _, t in bucket:
+                    if t.untyped_storage().data_ptr() in parameter_storage:
+                        continue
                     nbytes = t.numel() * t.element_size()
                     self._add(self.generation, nbytes)
                     weakref.finalize(t, self._add, self.generation, -nbytes)

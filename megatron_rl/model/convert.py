@@ -425,12 +425,13 @@ def _export_hf_parameters(model: torch.nn.Module, cfg: Qwen2Config) -> Iterator[
             tensors: list[torch.Tensor]
             if stage == pp_rank:
                 local = params[megatron_name].detach()
+                shards = None
                 if tp > 1 and split != "replicated":
                     shards = [torch.empty_like(local) for _ in range(tp)]
                     dist.all_gather(shards, local.contiguous(), group=tp_group)
-                else:
-                    shards = [local]
-                tensors = merge_shards(rule, shards, cfg)
+                    tensors = merge_shards(rule, shards, cfg)
+                else:  # this rank holds the whole tensor: views of the parameter, copies only for q/k/v
+                    tensors = local_hf_tensors(rule, local, cfg, 1)
             else:
                 dtype = next(iter(params.values())).dtype
                 tensors = [
