@@ -29,6 +29,7 @@ def test_bench_memory_tiny_prints_phases_and_sync_extra():
     assert result["processes_per_rank"] == 1  # the external launcher: vLLM runs inside each rank's process
     assert result["ranks"] == 2 and result["bucket_bytes"] == 1 << 20
     # The sync's peak above what the trainer and vLLM held before it; of it, the exported tensors alive at
-    # once (the gathering path: at most two buckets, the one loading and the next) and the rest.
+    # once (at most two buckets, the one loading and the next; at TP 1 views of the parameters, which count
+    # nothing, but for q/k/v, and with one KV head those are views too) and the rest.
     assert result["sync_extra_bytes"] == result["sync_exported_bytes"] + result["sync_other_bytes"]
-    assert 0 < result["sync_exported_bytes"] <= 2 * result["bucket_bytes"], result
+    assert 0 <= result["sync_exported_bytes"] <= 2 * result["bucket_bytes"], result
